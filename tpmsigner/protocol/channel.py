@@ -1,0 +1,277 @@
+"""The encrypted, mutually authenticated channel between agent and signer.
+
+Noise_XX_25519_ChaChaPoly_SHA256 (the Noise Protocol Framework, revision
+34): both sides have a long-term X25519 static key, and each learns the
+other's during the handshake.  The agent is the initiator.
+
+    -> e
+    <- e, ee, s, es
+    -> s, se
+
+The agent checks the signer's static key after the second message, before
+it sends its own, so an impostor signer never learns which agent called.
+The signer checks the agent's key after the third message and closes the
+connection before reading any request when it is not trusted.
+
+Each Noise message travels as a 2-byte big-endian length followed by the
+message (Noise section 3 limits a message to 65,535 bytes, which leaves
+65,519 bytes of payload after the 16-byte ChaChaPoly tag).  A message that
+fails authentication closes the channel: the nonce sequence makes a
+dropped or replayed message detectable, and there is no way to resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from noise.connection import Keypair, NoiseConnection
+from cryptography.exceptions import InvalidTag
+from noise.exceptions import (
+    NoiseHandshakeError,
+    NoiseInvalidMessage,
+    NoiseMaxNonceError,
+    NoiseValueError,
+)
+
+from ..errors import ChannelError, ConfigError, PeerNotTrustedError
+from ..fsutil import write_private_file
+
+NOISE_PROTOCOL_NAME = b"Noise_XX_25519_ChaChaPoly_SHA256"
+# The prologue binds the protocol version into the handshake hash, so an
+# agent and a signer that speak different versions fail the handshake.
+PROLOGUE = b"tpmsigner signer protocol 1"
+
+MAX_NOISE_MESSAGE = 65535
+TAG_SIZE = 16
+MAX_PAYLOAD = MAX_NOISE_MESSAGE - TAG_SIZE
+HANDSHAKE_TIMEOUT = 10.0
+PUBLIC_KEY_PREFIX = "tpmsigner-noise-x25519:"
+
+# noiseprotocol 0.3 has no common exception base class, and a malformed
+# handshake message can also surface as cryptography's InvalidTag or a
+# ValueError from X25519 key parsing.
+_NOISE_ERRORS = (
+    NoiseHandshakeError,
+    NoiseInvalidMessage,
+    NoiseMaxNonceError,
+    NoiseValueError,
+    InvalidTag,
+    ValueError,
+)
+
+
+@dataclass(frozen=True)
+class StaticKey:
+    """A long-term X25519 key pair."""
+
+    private: bytes   # 32 bytes
+    public: bytes    # 32 bytes
+
+    @classmethod
+    def generate(cls) -> "StaticKey":
+        key = X25519PrivateKey.generate()
+        return cls(_raw_private(key), _raw_public(key.public_key()))
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> "StaticKey":
+        """Load the key stored at ``path``, or create and store a new one."""
+        if path.exists():
+            try:
+                key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            except (ValueError, TypeError, OSError) as exc:
+                raise ConfigError(f"cannot read the Noise static key {path}: {exc}") from None
+            if not isinstance(key, X25519PrivateKey):
+                raise ConfigError(f"{path} does not hold an X25519 private key")
+            return cls(_raw_private(key), _raw_public(key.public_key()))
+
+        key = X25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        write_private_file(path, pem)
+        return cls(_raw_private(key), _raw_public(key.public_key()))
+
+
+def _raw_private(key: X25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+
+
+def _raw_public(key: X25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def format_public_key(public: bytes) -> str:
+    """Return the one-line text form of a Noise public key, as ``id`` prints it."""
+    return PUBLIC_KEY_PREFIX + base64.b64encode(public).decode("ascii")
+
+
+def parse_public_key(text: str) -> bytes:
+    """Parse the text form of a Noise public key; raise ConfigError if invalid."""
+    text = text.strip()
+    if not text.startswith(PUBLIC_KEY_PREFIX):
+        raise ConfigError(f"invalid Noise public key {text[:40]!r}: it must start with {PUBLIC_KEY_PREFIX!r}")
+    try:
+        public = base64.b64decode(text[len(PUBLIC_KEY_PREFIX) :], validate=True)
+    except ValueError:
+        raise ConfigError("invalid Noise public key: the part after the prefix is not base64") from None
+    if len(public) != 32:
+        raise ConfigError(f"invalid Noise public key: {len(public)} bytes instead of 32")
+    return public
+
+
+def public_key_fingerprint(public: bytes) -> str:
+    """Return a short SHA256 fingerprint of a Noise public key, for logs."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(public).digest()).decode("ascii").rstrip("=")[:16]
+
+
+class NoiseChannel:
+    """A finished Noise session over an asyncio stream pair."""
+
+    def __init__(
+        self,
+        connection: NoiseConnection,
+        remote_static: bytes,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self._connection = connection
+        self.remote_static = remote_static
+        self.handshake_hash = bytes(connection.get_handshake_hash())
+        self._reader = reader
+        self._writer = writer
+        self._send_lock = asyncio.Lock()
+
+    @property
+    def peer_address(self) -> str:
+        peer = self._writer.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            return f"{peer[0]}:{peer[1]}"
+        return str(peer)
+
+    async def send(self, payload: bytes) -> None:
+        """Encrypt and send one message of at most MAX_PAYLOAD bytes."""
+        if len(payload) > MAX_PAYLOAD:
+            raise ValueError(f"message of {len(payload)} bytes exceeds the maximum of {MAX_PAYLOAD}")
+        # Encryption and write stay under one lock, because the receiver
+        # expects ciphertexts in nonce order.
+        async with self._send_lock:
+            ciphertext = self._connection.encrypt(payload)
+            await _write_frame(self._writer, ciphertext)
+
+    async def receive(self) -> bytes:
+        """Return the next decrypted message; raise ChannelError on any failure."""
+        ciphertext = await _read_frame(self._reader)
+        try:
+            return bytes(self._connection.decrypt(ciphertext))
+        except _NOISE_ERRORS:
+            raise ChannelError("a message failed authentication; closing the channel") from None
+
+    async def close(self) -> None:
+        self._writer.close()
+        try:
+            await asyncio.wait_for(self._writer.wait_closed(), timeout=2.0)
+        except (OSError, asyncio.TimeoutError):
+            pass
+
+
+async def _write_frame(writer: asyncio.StreamWriter, message: bytes) -> None:
+    writer.write(struct.pack(">H", len(message)) + message)
+    try:
+        await writer.drain()
+    except OSError as exc:
+        raise ChannelError(f"sending to the peer failed: {exc}") from None
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> bytes:
+    try:
+        header = await reader.readexactly(2)
+        (length,) = struct.unpack(">H", header)
+        return await reader.readexactly(length)
+    except asyncio.IncompleteReadError:
+        raise ChannelError("the peer closed the connection") from None
+    except OSError as exc:
+        raise ChannelError(f"receiving from the peer failed: {exc}") from None
+
+
+def _new_connection(static: StaticKey, initiator: bool) -> NoiseConnection:
+    connection = NoiseConnection.from_name(NOISE_PROTOCOL_NAME)
+    connection.set_prologue(PROLOGUE)
+    connection.set_keypair_from_private_bytes(Keypair.STATIC, static.private)
+    if initiator:
+        connection.set_as_initiator()
+    else:
+        connection.set_as_responder()
+    connection.start_handshake()
+    return connection
+
+
+def _remote_static(connection: NoiseConnection) -> bytes:
+    # noiseprotocol 0.3 drops its handshake state when the handshake ends,
+    # so the remote static key is read while the state still exists.
+    return bytes(connection.noise_protocol.handshake_state.rs.public_bytes)
+
+
+async def initiate(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    static: StaticKey,
+    expected_remote: bytes,
+    timeout: float = HANDSHAKE_TIMEOUT,
+) -> NoiseChannel:
+    """Run the initiator side and check the responder is ``expected_remote``."""
+
+    async def run() -> NoiseChannel:
+        connection = _new_connection(static, initiator=True)
+        await _write_frame(writer, bytes(connection.write_message()))
+        connection.read_message(await _read_frame(reader))
+        remote = _remote_static(connection)
+        if remote != expected_remote:
+            raise PeerNotTrustedError(
+                f"the signer presented Noise key {public_key_fingerprint(remote)}, not the pinned "
+                f"key {public_key_fingerprint(expected_remote)}; if the signer's key really "
+                "changed, pin the new one with 'tpmsigner-agent trust'"
+            )
+        await _write_frame(writer, bytes(connection.write_message()))
+        return NoiseChannel(connection, remote, reader, writer)
+
+    return await _run_handshake(run(), timeout)
+
+
+async def respond(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    static: StaticKey,
+    is_trusted: Callable[[bytes], bool],
+    timeout: float = HANDSHAKE_TIMEOUT,
+) -> NoiseChannel:
+    """Run the responder side; raise PeerNotTrustedError for an unknown peer."""
+
+    async def run() -> NoiseChannel:
+        connection = _new_connection(static, initiator=False)
+        connection.read_message(await _read_frame(reader))
+        await _write_frame(writer, bytes(connection.write_message()))
+        handshake_state = connection.noise_protocol.handshake_state
+        connection.read_message(await _read_frame(reader))
+        remote = bytes(handshake_state.rs.public_bytes)
+        if not is_trusted(remote):
+            raise PeerNotTrustedError(f"peer key {public_key_fingerprint(remote)} is not allowed")
+        return NoiseChannel(connection, remote, reader, writer)
+
+    return await _run_handshake(run(), timeout)
+
+
+async def _run_handshake(handshake, timeout: float) -> NoiseChannel:
+    try:
+        return await asyncio.wait_for(handshake, timeout)
+    except asyncio.TimeoutError:
+        raise ChannelError(f"the Noise handshake did not finish within {timeout:g} s") from None
+    except _NOISE_ERRORS as exc:
+        raise ChannelError(f"the Noise handshake failed: {exc!r}") from None

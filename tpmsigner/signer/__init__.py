@@ -1,0 +1,1 @@
+"""The signer host: the Noise server in front of the TPM, and its approvers."""

@@ -1,0 +1,211 @@
+"""Approvers: who gives the PIN for each signature, or refuses.
+
+An approver is an object with ``async request_pin(request) -> str | None``.
+It returns the PIN to approve, or None to refuse.  The server applies the
+approval timeout around every call, so an approver that hangs is cancelled
+and the request refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import select
+import shlex
+import termios
+import threading
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Protocol
+
+from ..errors import ConfigError
+from ..protocol.messages import ProcessInfo
+
+logger = logging.getLogger(__name__)
+
+MAX_PIN_OUTPUT = 4096
+DEFAULT_APPROVAL_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class ApprovalRequest:
+    """Everything a person sees before giving a PIN."""
+
+    request_id: int
+    key_label: str
+    key_fingerprint: str
+    device: str
+    process: ProcessInfo
+    purpose: str          # "ssh-login", "sshsig:NAMESPACE" or "unknown"
+    destination: str      # "user@host", "user@?" or ""
+
+    def environment(self) -> dict[str, str]:
+        """The TPMSIGNER_* variables given to a ``command:`` approver."""
+        return {
+            "TPMSIGNER_KEY_LABEL": self.key_label,
+            "TPMSIGNER_KEY_FINGERPRINT": self.key_fingerprint,
+            "TPMSIGNER_DEVICE": self.device,
+            "TPMSIGNER_PROCESS": _printable(self.process.describe()),
+            "TPMSIGNER_PURPOSE": _printable(self.purpose),
+            "TPMSIGNER_DESTINATION": _printable(self.destination),
+        }
+
+    def summary(self) -> str:
+        """Return a readable block describing the request, for a terminal."""
+        lines = [
+            f"Signature request #{self.request_id}",
+            f"  device:      {self.device}",
+            f"  process:     {_printable(self.process.describe())}",
+            f"  key:         {self.key_label} ({self.key_fingerprint})",
+            f"  purpose:     {_printable(self.purpose)}",
+        ]
+        if self.destination:
+            lines.append(f"  destination: {_printable(self.destination)}")
+        return "\n".join(lines)
+
+
+def _printable(text: str) -> str:
+    """Escape control characters, so a peer cannot repaint the prompt."""
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
+
+
+class Approver(Protocol):
+    async def request_pin(self, request: ApprovalRequest) -> str | None: ...
+
+
+class CallableApprover:
+    """Wraps a library caller's function (plain or async) as an approver."""
+
+    def __init__(self, function: Callable[[ApprovalRequest], str | None | Awaitable[str | None]]) -> None:
+        self._function = function
+
+    async def request_pin(self, request: ApprovalRequest) -> str | None:
+        if inspect.iscoroutinefunction(self._function):
+            return await self._function(request)
+        # A plain function may block (a dialog, a prompt), so it runs on a
+        # thread of its own rather than on the event loop.
+        return await asyncio.to_thread(self._function, request)
+
+
+class CommandApprover:
+    """Runs a program, without a shell, for each request.
+
+    The details are in TPMSIGNER_* environment variables.  The program
+    approves by exiting 0 with the PIN as its first line on stdout; any other
+    exit status refuses.
+    """
+
+    def __init__(self, argv: list[str], timeout: float = DEFAULT_APPROVAL_TIMEOUT) -> None:
+        if not argv:
+            raise ConfigError("the command: approver needs a program, as command:PROGRAM")
+        self.argv = argv
+        self.timeout = timeout
+
+    async def request_pin(self, request: ApprovalRequest) -> str | None:
+        environment = dict(os.environ)
+        environment.update(request.environment())
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                env=environment,
+            )
+        except OSError as exc:
+            logger.error("request %d: cannot run approver %r: %s", request.request_id, self.argv[0], exc)
+            return None
+
+        try:
+            output, _ = await asyncio.wait_for(process.communicate(), self.timeout)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            process.kill()
+            await process.wait()
+            raise
+
+        if process.returncode != 0:
+            logger.info("request %d: approver exited with status %d: refused", request.request_id, process.returncode)
+            return None
+        first_line = output[:MAX_PIN_OUTPUT].split(b"\n", 1)[0].rstrip(b"\r")
+        try:
+            return first_line.decode("utf-8")
+        except UnicodeDecodeError:
+            logger.error("request %d: approver printed a PIN that is not UTF-8: refused", request.request_id)
+            return None
+
+
+class TtyApprover:
+    """Asks on the terminal that runs ``serve``, one request at a time."""
+
+    def __init__(self, tty_path: str = "/dev/tty", timeout: float = DEFAULT_APPROVAL_TIMEOUT) -> None:
+        self.tty_path = tty_path
+        self.timeout = timeout
+        self._turn = asyncio.Lock()
+
+    async def request_pin(self, request: ApprovalRequest) -> str | None:
+        async with self._turn:
+            deadline = time.monotonic() + self.timeout
+            cancelled = threading.Event()
+            try:
+                return await asyncio.to_thread(self._prompt, request, deadline, cancelled)
+            finally:
+                cancelled.set()
+
+    def _prompt(self, request: ApprovalRequest, deadline: float, cancelled: threading.Event) -> str | None:
+        try:
+            fd = os.open(self.tty_path, os.O_RDWR | os.O_NOCTTY)
+        except OSError as exc:
+            logger.error("request %d: no terminal to ask on (%s): refused", request.request_id, exc.strerror)
+            return None
+
+        try:
+            os.write(fd, (
+                "\n" + request.summary() + "\n"
+                f"PIN for {request.key_label} (empty line refuses): "
+            ).encode("utf-8"))
+            pin = _read_line_without_echo(fd, deadline, cancelled)
+            os.write(fd, b"\n")
+        finally:
+            os.close(fd)
+
+        if not pin:
+            return None
+        return pin
+
+
+def _read_line_without_echo(fd: int, deadline: float, cancelled: threading.Event) -> str | None:
+    """Read one line from a terminal with echo off, until ``deadline``."""
+    old_attributes = termios.tcgetattr(fd)
+    new_attributes = termios.tcgetattr(fd)
+    new_attributes[3] &= ~termios.ECHO
+    termios.tcsetattr(fd, termios.TCSAFLUSH, new_attributes)
+    try:
+        buffer = b""
+        while b"\n" not in buffer and not cancelled.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            readable, _, _ = select.select([fd], [], [], min(remaining, 0.2))
+            if not readable:
+                continue
+            chunk = os.read(fd, 256)
+            if not chunk:
+                return None
+            buffer += chunk
+            if len(buffer) > MAX_PIN_OUTPUT:
+                return None
+        if cancelled.is_set():
+            return None
+        return buffer.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", errors="replace")
+    finally:
+        termios.tcsetattr(fd, termios.TCSAFLUSH, old_attributes)
+
+
+def approver_from_spec(spec: str, timeout: float = DEFAULT_APPROVAL_TIMEOUT) -> Approver:
+    """Build an approver from its command-line form: ``tty`` or ``command:PROGRAM``."""
+    if spec == "tty":
+        return TtyApprover(timeout=timeout)
+    if spec.startswith("command:"):
+        return CommandApprover(shlex.split(spec[len("command:") :]), timeout=timeout)
+    raise ConfigError(f"unknown approver {spec!r}: use 'tty' or 'command:PROGRAM'")

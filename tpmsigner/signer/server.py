@@ -1,0 +1,308 @@
+"""The signer's Noise server: authenticate agents, list keys, sign on approval."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from ..errors import (
+    ChannelError,
+    IdentityNotFoundError,
+    KeyStoreError,
+    PeerNotTrustedError,
+    ProtocolError,
+    TpmAuthError,
+    TpmError,
+    TpmKeyLoadError,
+    TpmLockoutError,
+)
+from ..protocol import channel
+from ..protocol.messages import (
+    Failure,
+    FailureCode,
+    ListedIdentity,
+    ListReply,
+    ListRequest,
+    Message,
+    SignReply,
+    SignRequest,
+    decode_message,
+    encode_message,
+    request_id_of,
+)
+from ..protocol.signeddata import describe_signed_data
+from ..protocol.sshkeys import digest_for_signing, encode_ecdsa_signature, verify_ecdsa_signature
+from ..store import Identity, KeyStore
+from .approvers import DEFAULT_APPROVAL_TIMEOUT, ApprovalRequest, Approver
+from .devices import Device, DeviceRegistry
+from .worker import TpmWorker
+
+logger = logging.getLogger(__name__)
+
+# Requests one agent may have in flight at once.  More than a handful means
+# a runaway or hostile client, and each sign request may hold a prompt.
+MAX_PENDING_PER_CONNECTION = 16
+
+
+@dataclass
+class SignerConfig:
+    """Settings of a running signer."""
+
+    host: str
+    port: int
+    approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT
+
+
+class SignerServer:
+    """Accepts agent connections and serves list and sign requests."""
+
+    def __init__(
+        self,
+        store: KeyStore,
+        worker: TpmWorker,
+        static_key: channel.StaticKey,
+        devices: DeviceRegistry,
+        approver: Approver,
+        config: SignerConfig,
+    ) -> None:
+        self.store = store
+        self.worker = worker
+        self.static_key = static_key
+        self.devices = devices
+        self.approver = approver
+        self.config = config
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int:
+        """The TCP port actually bound (useful with port 0)."""
+        assert self._server is not None, "start() has not been called"
+        return self._server.sockets[0].getsockname()[1]
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, self.config.host, self.config.port)
+        logger.info(
+            "signer listening on %s port %d, Noise key %s",
+            self.config.host,
+            self.port,
+            channel.public_key_fingerprint(self.static_key.public),
+        )
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.wait(self._connections, timeout=5.0)
+        if self._server is not None:
+            await self._server.wait_closed()
+        logger.info("signer stopped")
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        peer = writer.get_extra_info("peername")
+        address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        try:
+            await self._serve_connection(reader, writer, address)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: str) -> None:
+        trusted: dict[bytes, Device] = {}
+
+        def is_trusted(public_key: bytes) -> bool:
+            device = self.devices.find(public_key)
+            if device is not None:
+                trusted[public_key] = device
+            return device is not None
+
+        try:
+            secure = await channel.respond(reader, writer, self.static_key, is_trusted)
+        except PeerNotTrustedError as exc:
+            logger.warning("connection from %s rejected: %s (allow it with 'tpmsigner allow')", address, exc)
+            return
+        except ChannelError as exc:
+            logger.warning("connection from %s failed during the handshake: %s", address, exc)
+            return
+
+        device = trusted[secure.remote_static]
+        logger.info("device %r connected from %s", device.name, address)
+        session = _AgentSession(self, secure, device, address)
+        await session.run()
+        logger.info("device %r at %s disconnected", device.name, address)
+
+
+class _AgentSession:
+    """One authenticated agent connection."""
+
+    def __init__(self, server: SignerServer, secure: channel.NoiseChannel, device: Device, address: str) -> None:
+        self.server = server
+        self.secure = secure
+        self.device = device
+        self.address = address
+        self._pending: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        try:
+            while True:
+                try:
+                    payload = await self.secure.receive()
+                except ChannelError as exc:
+                    logger.info("device %r: channel closed: %s", self.device.name, exc)
+                    return
+                await self._dispatch(payload)
+        finally:
+            for task in self._pending:
+                task.cancel()
+            if self._pending:
+                await asyncio.wait(self._pending, timeout=5.0)
+            await self.secure.close()
+
+    async def _dispatch(self, payload: bytes) -> None:
+        try:
+            message = decode_message(payload)
+        except ProtocolError as exc:
+            logger.warning("device %r sent a malformed message (%d bytes): %s", self.device.name, len(payload), exc)
+            request_id = request_id_of(payload)
+            if request_id is not None:
+                await self._reply(Failure(request_id, FailureCode.BAD_REQUEST, str(exc)))
+            return
+
+        if len(self._pending) >= MAX_PENDING_PER_CONNECTION:
+            await self._reply(
+                Failure(message.request_id, FailureCode.BUSY, f"more than {MAX_PENDING_PER_CONNECTION} requests pending")
+            )
+            return
+
+        task = asyncio.create_task(self._handle(message))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _handle(self, message: Message) -> None:
+        if isinstance(message, ListRequest):
+            reply = self._list(message)
+        elif isinstance(message, SignRequest):
+            reply = await self._sign(message)
+        else:
+            reply = Failure(message.request_id, FailureCode.BAD_REQUEST, f"{type(message).__name__} is not a request")
+        await self._reply(reply)
+
+    async def _reply(self, message: Message) -> None:
+        try:
+            await self.secure.send(encode_message(message))
+        except ChannelError as exc:
+            logger.info("device %r: reply to request %d not delivered: %s", self.device.name, message.request_id, exc)
+
+    def _list(self, request: ListRequest) -> Message:
+        try:
+            identities = [identity for identity in self.server.store.list() if identity.enabled]
+        except KeyStoreError as exc:
+            logger.error("listing identities failed: %s", exc)
+            return Failure(request.request_id, FailureCode.INTERNAL_ERROR, "the signer cannot read its key store")
+        return ListReply(
+            request.request_id,
+            tuple(ListedIdentity(identity.public_key_blob, identity.label) for identity in identities),
+        )
+
+    async def _sign(self, request: SignRequest) -> Message:
+        request_id = request.request_id
+        try:
+            identity = self.server.store.find_by_public_key(request.key_blob)
+        except IdentityNotFoundError:
+            logger.warning("device %r asked to sign with a key this signer does not hold", self.device.name)
+            return Failure(request_id, FailureCode.UNKNOWN_KEY, "no such key on this signer")
+        except KeyStoreError as exc:
+            logger.error("request %d: reading the key store failed: %s", request_id, exc)
+            return Failure(request_id, FailureCode.INTERNAL_ERROR, "the signer cannot read its key store")
+
+        if not identity.enabled:
+            logger.warning("device %r asked to sign with disabled key %r: refused", self.device.name, identity.label)
+            return Failure(request_id, FailureCode.KEY_DISABLED, f"key {identity.label!r} is disabled")
+
+        # The signer reads the purpose from the data itself rather than
+        # trusting the agent, so a compromised agent cannot disguise a request.
+        info = describe_signed_data(request.data, request.key_blob)
+        approval = ApprovalRequest(
+            request_id=request_id,
+            key_label=identity.label,
+            key_fingerprint=identity.fingerprint,
+            device=self.device.name,
+            process=request.process,
+            purpose=info.purpose,
+            destination=info.destination,
+        )
+        logger.info(
+            "request %d from device %r (%s): sign with %r %s for %s %s: asking for approval",
+            request_id,
+            self.device.name,
+            approval.process.describe(),
+            identity.label,
+            identity.fingerprint,
+            info.purpose,
+            info.destination or "-",
+        )
+
+        pin = await self._ask(approval)
+        if isinstance(pin, Failure):
+            return pin
+        return await self._sign_in_tpm(request, identity, pin)
+
+    async def _ask(self, approval: ApprovalRequest) -> str | Failure:
+        request_id = approval.request_id
+        timeout = self.server.config.approval_timeout
+        try:
+            pin = await asyncio.wait_for(self.server.approver.request_pin(approval), timeout)
+        except asyncio.TimeoutError:
+            logger.info("request %d: no answer within %g s: refused", request_id, timeout)
+            return Failure(request_id, FailureCode.TIMED_OUT, f"no approval within {timeout:g} s")
+        except Exception:  # noqa: BLE001 - an approver bug must refuse, not crash the signer
+            logger.exception("request %d: the approver failed: refused", request_id)
+            return Failure(request_id, FailureCode.DENIED, "the approver failed")
+
+        if not pin:
+            logger.info("request %d: refused by the approver", request_id)
+            return Failure(request_id, FailureCode.DENIED, "refused on the signer")
+        return pin
+
+    async def _sign_in_tpm(self, request: SignRequest, identity: Identity, pin: str) -> Message:
+        request_id = request.request_id
+        public_key = identity.public_key
+        try:
+            blob = self.server.store.key_blob(identity)
+            digest = digest_for_signing(public_key, request.data)
+            r, s = await self.server.worker.call(self.server.worker.tpm.sign_digest, blob, digest, pin.encode("utf-8"))
+        except TpmAuthError:
+            logger.warning(
+                "request %d: wrong PIN for key %r; it counts toward the TPM's dictionary-attack lockout",
+                request_id,
+                identity.label,
+            )
+            return Failure(request_id, FailureCode.WRONG_PIN, "wrong PIN")
+        except TpmLockoutError as exc:
+            logger.error("request %d: %s", request_id, exc)
+            return Failure(request_id, FailureCode.LOCKED_OUT, "the TPM is in dictionary-attack lockout")
+        except TpmKeyLoadError as exc:
+            logger.error("request %d: key %r: %s", request_id, identity.label, exc)
+            return Failure(request_id, FailureCode.TPM_ERROR, "the key does not load on the signer's TPM")
+        except (TpmError, KeyStoreError) as exc:
+            logger.error("request %d: %s", request_id, exc)
+            return Failure(request_id, FailureCode.TPM_ERROR, "the signer's TPM failed; see the signer's log")
+
+        signature = encode_ecdsa_signature(public_key, r, s)
+        # Check the TPM's answer against the stored public key before it
+        # leaves the host, so a wrong key or a faulty TPM never yields a bad
+        # signature that a server might log.
+        if not verify_ecdsa_signature(public_key, request.data, signature):
+            logger.error("request %d: the TPM's signature does not verify with key %r", request_id, identity.label)
+            return Failure(request_id, FailureCode.TPM_ERROR, "the TPM produced an invalid signature")
+
+        logger.info("request %d: signed with %r", request_id, identity.label)
+        return SignReply(request_id, signature)

@@ -1,0 +1,422 @@
+"""One ESAPI context to one TPM, used by one thread at a time.
+
+All TPM work goes through ``Tpm``: it owns the ESAPI context, the storage
+root key handle and one salted HMAC session with parameter encryption, and
+it flushes every transient object it loads.  swtpm without a resource
+manager has only three object slots, so a leaked handle would stop the
+signer after a few requests.
+
+Every public method takes ``self._lock``, so calls from several threads are
+serialised.  The signer runs them on a single worker thread, off the event
+loop (see ``tpmsigner.signer.worker``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from tpm2_pytss import ESAPI, TSS2_Exception
+from tpm2_pytss.constants import (
+    ESYS_TR,
+    TPM2_ALG,
+    TPM2_CAP,
+    TPM2_ECC,
+    TPM2_HT,
+    TPM2_RC,
+    TPM2_RH,
+    TPM2_SE,
+    TPM2_ST,
+    TPMA_OBJECT,
+    TPMA_SESSION,
+    TSS2_RC,
+)
+from tpm2_pytss.TCTILdr import TCTILdr
+from tpm2_pytss.types import (
+    TPM2B_DATA,
+    TPM2B_DIGEST,
+    TPM2B_PRIVATE,
+    TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
+    TPML_PCR_SELECTION,
+    TPMS_SCHEME_HASH,
+    TPMT_SIG_SCHEME,
+    TPMT_SYM_DEF,
+    TPMT_TK_HASHCHECK,
+    TPMU_SIG_SCHEME,
+    TPMU_SYM_KEY_BITS,
+    TPMU_SYM_MODE,
+)
+
+from .errors import TpmAuthError, TpmError, TpmKeyLoadError, TpmLockoutError, TpmUnavailableError
+from .protocol.sshkeys import NISTP256, NISTP384, EcdsaCurve, SshPublicKey
+from .templates import (
+    SIGNING_KEY_FORBIDDEN,
+    SIGNING_KEY_REQUIRED,
+    SRK_PERSISTENT_HANDLE,
+    ecc_signing_key_template,
+    srk_ecc_p256_template,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TCTI = "device:/dev/tpmrm0"
+
+# TPM2_RH_OWNER as the parent of a TSS2 PRIVATE KEY file means "the H-2
+# primary under the owner hierarchy", created on demand.
+PARENT_OWNER = 0x40000001
+
+_TPM_CURVE_IDS = {NISTP256.ssh_name: TPM2_ECC.NIST_P256, NISTP384.ssh_name: TPM2_ECC.NIST_P384}
+_CURVES_BY_TPM_ID = {TPM2_ECC.NIST_P256: NISTP256, TPM2_ECC.NIST_P384: NISTP384}
+_TPM_HASH_ALGS = {"sha256": TPM2_ALG.SHA256, "sha384": TPM2_ALG.SHA384}
+
+# TCTIs that talk to a TPM or emulator with no resource manager in between.
+_NO_RESOURCE_MANAGER_TCTIS = {"swtpm", "mssim"}
+
+_TSS_LAYER_MASK = 0xFF0000
+_TSS_BASE_MASK = 0xFFFF
+# TSS2 base codes that mean the TCTI lost or never had its connection.
+_CONNECTION_BASE_CODES = {
+    TSS2_RC.BASE_RC_IO_ERROR & _TSS_BASE_MASK,
+    TSS2_RC.BASE_RC_NO_CONNECTION & _TSS_BASE_MASK,
+    TSS2_RC.BASE_RC_TRY_AGAIN & _TSS_BASE_MASK,
+}
+
+
+@dataclass(frozen=True)
+class TpmKeyBlob:
+    """A key wrapped by the TPM: what a TSS2 PRIVATE KEY file contains."""
+
+    public: bytes    # marshalled TPM2B_PUBLIC
+    private: bytes   # marshalled TPM2B_PRIVATE, encrypted by the parent
+    parent: int      # persistent parent handle, or PARENT_OWNER
+
+
+def public_key_of(blob: TpmKeyBlob) -> SshPublicKey:
+    """Return the SSH public key of a wrapped ECC key, checking its attributes."""
+    public, _ = TPM2B_PUBLIC.unmarshal(blob.public)
+    area = public.publicArea
+    if area.type != TPM2_ALG.ECC:
+        raise TpmKeyLoadError(f"key type {area.type} is not supported; only ECDSA keys are")
+
+    attributes = int(area.objectAttributes)
+    if attributes & SIGNING_KEY_REQUIRED != SIGNING_KEY_REQUIRED or attributes & SIGNING_KEY_FORBIDDEN:
+        raise TpmKeyLoadError(
+            f"key attributes {TPMA_OBJECT(attributes)!s} are not those of a PIN-protected "
+            "signing key (need fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth|sign, "
+            "and no decrypt, noDA or restricted)"
+        )
+
+    curve = _CURVES_BY_TPM_ID.get(area.parameters.eccDetail.curveID)
+    if curve is None:
+        raise TpmKeyLoadError(f"ECC curve {area.parameters.eccDetail.curveID} is not supported")
+    x = int.from_bytes(bytes(area.unique.ecc.x.buffer), "big")
+    y = int.from_bytes(bytes(area.unique.ecc.y.buffer), "big")
+    return SshPublicKey(curve, x, y)
+
+
+def _response_code(exc: TSS2_Exception) -> int:
+    """Return a TPM response code without its handle, session or parameter bits."""
+    rc = int(exc.rc)
+    if rc & _TSS_LAYER_MASK:
+        return rc
+    if rc & TPM2_RC.FMT1:
+        return TPM2_RC.FMT1 | (rc & 0x3F)
+    return rc & 0xFFF
+
+
+def _is_connection_error(exc: TSS2_Exception) -> bool:
+    rc = int(exc.rc)
+    return bool(rc & _TSS_LAYER_MASK) and (rc & _TSS_BASE_MASK) in _CONNECTION_BASE_CODES
+
+
+class Tpm:
+    """A TPM reached through one TCTI, with a lazily opened ESAPI context.
+
+    If the TPM connection fails, the context is dropped and the next call
+    opens a new one, so a restarted TPM (or swtpm) is picked up without
+    restarting the program.
+    """
+
+    def __init__(self, tcti: str = DEFAULT_TCTI, *, flush_stale_handles: bool = False) -> None:
+        self.tcti = tcti
+        self.flush_stale_handles = flush_stale_handles
+        self._lock = threading.Lock()
+        self._esapi: ESAPI | None = None
+        self._parents: dict[int, ESYS_TR] = {}
+        self._flush_parents: set[int] = set()
+        self._session: ESYS_TR | None = None
+
+    # ---- context lifecycle -------------------------------------------------
+
+    def close(self) -> None:
+        """Flush the session and transient parents, and close the context."""
+        with self._lock:
+            self._reset()
+
+    def __enter__(self) -> "Tpm":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _reset(self) -> None:
+        esapi, self._esapi = self._esapi, None
+        session, self._session = self._session, None
+        parents, self._parents = self._parents, {}
+        flush_parents, self._flush_parents = self._flush_parents, set()
+        if esapi is None:
+            return
+
+        # Best effort: after a lost connection these calls fail too, and the
+        # TPM forgets transient objects and sessions on restart anyway.
+        try:
+            if session is not None:
+                esapi.flush_context(session)
+            for parent_handle, handle in parents.items():
+                if parent_handle in flush_parents:
+                    esapi.flush_context(handle)
+        except TSS2_Exception as exc:
+            logger.debug("flushing TPM handles on reset failed: %s", exc)
+        try:
+            esapi.close()
+        except TSS2_Exception as exc:
+            logger.debug("closing the ESAPI context failed: %s", exc)
+
+    def _context(self) -> ESAPI:
+        if self._esapi is None:
+            try:
+                self._esapi = ESAPI(TCTILdr.parse(self.tcti))
+            except TSS2_Exception as exc:
+                raise TpmUnavailableError(
+                    f"cannot open the TPM at TCTI {self.tcti!r}: {exc}. Check that the TPM "
+                    "(or swtpm) is running and that --tcti or TPMSIGNER_TCTI names it",
+                    rc=int(exc.rc),
+                ) from None
+            if self.flush_stale_handles and self.tcti.split(":", 1)[0] in _NO_RESOURCE_MANAGER_TCTIS:
+                self._flush_stale_handles(self._esapi)
+        return self._esapi
+
+    def _flush_stale_handles(self, esapi: ESAPI) -> None:
+        """Flush transient objects and sessions that a killed process left behind.
+
+        An emulator reached without a resource manager keeps them across
+        connections, and after two or three such leaks it has no object slot
+        left.  Only a long-running owner of the emulator (``serve``) asks for
+        this, because it also flushes the handles of any other live client.
+        """
+        for handle_type in (TPM2_HT.TRANSIENT, TPM2_HT.LOADED_SESSION):
+            try:
+                _, data = esapi.get_capability(TPM2_CAP.HANDLES, handle_type << 24, 64)
+                for handle in list(data.data.handles):
+                    esapi.flush_context(esapi.tr_from_tpmpublic(handle))
+                    logger.warning("flushed stale TPM handle 0x%08x left by an earlier process", handle)
+            except TSS2_Exception as exc:
+                logger.warning("could not flush stale TPM handles: %s", exc)
+
+    def _translate(self, exc: TSS2_Exception, what: str) -> TpmError:
+        """Turn a TSS2 exception into a TpmError, resetting state as needed."""
+        code = _response_code(exc)
+
+        if _is_connection_error(exc):
+            self._reset()
+            return TpmUnavailableError(
+                f"{what} failed: lost the connection to the TPM at {self.tcti!r} ({exc}); "
+                "the next request reconnects",
+                rc=int(exc.rc),
+            )
+
+        # A failed authorisation leaves the ESAPI session nonces out of step
+        # with the TPM's, so start a fresh session for the next command.  Any
+        # other error may mean a handle we cached is gone, so start over.
+        if code in (TPM2_RC.AUTH_FAIL, TPM2_RC.LOCKOUT):
+            self._drop_session()
+        else:
+            self._reset()
+
+        if code == TPM2_RC.AUTH_FAIL:
+            return TpmAuthError(f"{what} failed: wrong PIN", rc=int(exc.rc))
+        if code == TPM2_RC.LOCKOUT:
+            return TpmLockoutError(
+                f"{what} failed: the TPM is in dictionary-attack lockout after too many "
+                "wrong PINs; wait for the lockout interval to pass before trying again",
+                rc=int(exc.rc),
+            )
+        if code == TPM2_RC.OBJECT_MEMORY:
+            return TpmError(
+                f"{what} failed: the TPM is out of object memory; another program may be "
+                "holding transient objects (use a resource manager such as /dev/tpmrm0)",
+                rc=int(exc.rc),
+            )
+        return TpmError(f"{what} failed: {exc}", rc=int(exc.rc))
+
+    def _drop_session(self) -> None:
+        session, self._session = self._session, None
+        if session is not None and self._esapi is not None:
+            try:
+                self._esapi.flush_context(session)
+            except TSS2_Exception as exc:
+                logger.debug("flushing the HMAC session failed: %s", exc)
+
+    # ---- parents and sessions ----------------------------------------------
+
+    def _has_persistent_srk(self, esapi: ESAPI) -> bool:
+        more = True
+        start = TPM2_HT.PERSISTENT << 24
+        while more:
+            more, data = esapi.get_capability(TPM2_CAP.HANDLES, start, 64)
+            handles = list(data.data.handles)
+            if SRK_PERSISTENT_HANDLE in handles:
+                return True
+            if not handles:
+                break
+            start = handles[-1] + 1
+        return False
+
+    def _parent(self, parent: int) -> ESYS_TR:
+        """Return a loaded handle for a key file's parent, creating it if needed."""
+        if parent in self._parents:
+            return self._parents[parent]
+
+        esapi = self._context()
+        if parent == PARENT_OWNER:
+            handle, _, _, _, _ = esapi.create_primary(
+                TPM2B_SENSITIVE_CREATE(),
+                TPM2B_PUBLIC(publicArea=srk_ecc_p256_template()),
+                ESYS_TR.RH_OWNER,
+                TPM2B_DATA(),
+                TPML_PCR_SELECTION(),
+            )
+            self._flush_parents.add(parent)
+        elif parent >> 24 == TPM2_HT.PERSISTENT:
+            handle = esapi.tr_from_tpmpublic(parent)
+        else:
+            raise TpmKeyLoadError(f"key parent handle 0x{parent:08x} is not supported")
+
+        self._parents[parent] = handle
+        return handle
+
+    def _default_parent(self) -> int:
+        """Return the parent for new keys: the persistent SRK if provisioned."""
+        esapi = self._context()
+        return SRK_PERSISTENT_HANDLE if self._has_persistent_srk(esapi) else PARENT_OWNER
+
+    def _hmac_session(self, salt_parent: int) -> ESYS_TR:
+        """Return the salted HMAC session, starting it on first use.
+
+        The salt is encrypted to the storage key (TPM 2.0 Library Part 1,
+        section 19.6.11), so the session key, and with it every
+        PIN-derived HMAC and every encrypted parameter, stays unknown to
+        anyone watching the bus.  AES-128-CFB is the parameter-encryption
+        cipher every TPM 2.0 implements.
+        """
+        if self._session is None:
+            esapi = self._context()
+            self._session = esapi.start_auth_session(
+                tpm_key=self._parent(salt_parent),
+                bind=ESYS_TR.NONE,
+                session_type=TPM2_SE.HMAC,
+                symmetric=TPMT_SYM_DEF(
+                    algorithm=TPM2_ALG.AES,
+                    keyBits=TPMU_SYM_KEY_BITS(aes=128),
+                    mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB),
+                ),
+                auth_hash=TPM2_ALG.SHA256,
+            )
+        return self._session
+
+    def _set_session_attributes(self, session: ESYS_TR, *, encrypt_response: bool) -> None:
+        # DECRYPT encrypts the command's first parameter, which carries the
+        # new PIN in TPM2_Create.  ENCRYPT is only allowed when the first
+        # response parameter is a sized buffer (Part 1, section 21.1), which
+        # TPM2_Sign's TPMT_SIGNATURE is not.
+        attributes = TPMA_SESSION.CONTINUESESSION | TPMA_SESSION.DECRYPT
+        if encrypt_response:
+            attributes |= TPMA_SESSION.ENCRYPT
+        self._context().trsess_set_attributes(session, attributes)
+
+    # ---- operations --------------------------------------------------------
+
+    def create_ecdsa_key(self, pin: bytes, curve: EcdsaCurve = NISTP256) -> TpmKeyBlob:
+        """Create an ECDSA signing key with ``pin`` as its authorisation value."""
+        if not pin:
+            raise ValueError("a key needs a non-empty PIN")
+
+        with self._lock:
+            try:
+                parent = self._default_parent()
+                parent_handle = self._parent(parent)
+                session = self._hmac_session(parent)
+                self._set_session_attributes(session, encrypt_response=True)
+
+                sensitive = TPM2B_SENSITIVE_CREATE()
+                sensitive.sensitive.userAuth = pin
+                template = ecc_signing_key_template(_TPM_CURVE_IDS[curve.ssh_name])
+                private, public, _, _, _ = self._context().create(
+                    parent_handle,
+                    sensitive,
+                    TPM2B_PUBLIC(publicArea=template),
+                    TPM2B_DATA(),
+                    TPML_PCR_SELECTION(),
+                    session1=session,
+                )
+            except TSS2_Exception as exc:
+                raise self._translate(exc, "creating the key") from None
+
+        return TpmKeyBlob(public=bytes(public.marshal()), private=bytes(private.marshal()), parent=parent)
+
+    def sign_digest(self, blob: TpmKeyBlob, digest: bytes, pin: bytes) -> tuple[int, int]:
+        """Sign ``digest`` with a wrapped ECDSA key and return (r, s).
+
+        The key is loaded, used once and flushed.  A wrong PIN raises
+        TpmAuthError and is never retried here, since every retry would
+        count toward the dictionary-attack lockout.
+        """
+        public_key = public_key_of(blob)
+        hash_alg = _TPM_HASH_ALGS[public_key.curve.hash_name]
+        public, _ = TPM2B_PUBLIC.unmarshal(blob.public)
+        private, _ = TPM2B_PRIVATE.unmarshal(blob.private)
+
+        with self._lock:
+            try:
+                parent_handle = self._parent(blob.parent)
+                session = self._hmac_session(blob.parent)
+                self._set_session_attributes(session, encrypt_response=True)
+                key_handle = self._context().load(parent_handle, private, public, session1=session)
+            except TSS2_Exception as exc:
+                error = self._translate(exc, "loading the key")
+                if type(error) is TpmError:
+                    raise TpmKeyLoadError(
+                        "the key does not load on this TPM: the key file was made on another "
+                        f"TPM, or this TPM was cleared since ({exc}). The key cannot be used here",
+                        rc=error.rc,
+                    ) from None
+                raise error from None
+
+            esapi = self._context()
+            try:
+                esapi.tr_set_auth(key_handle, pin)
+                self._set_session_attributes(session, encrypt_response=False)
+                scheme = TPMT_SIG_SCHEME(
+                    scheme=TPM2_ALG.ECDSA,
+                    details=TPMU_SIG_SCHEME(ecdsa=TPMS_SCHEME_HASH(hashAlg=hash_alg)),
+                )
+                ticket = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
+                signature = esapi.sign(key_handle, TPM2B_DIGEST(digest), scheme, ticket, session1=session)
+            except TSS2_Exception as exc:
+                raise self._translate(exc, "signing") from None
+            finally:
+                self._flush_quietly(key_handle)
+
+        r = int.from_bytes(bytes(signature.signature.ecdsa.signatureR.buffer), "big")
+        s = int.from_bytes(bytes(signature.signature.ecdsa.signatureS.buffer), "big")
+        return r, s
+
+    def _flush_quietly(self, handle: ESYS_TR) -> None:
+        if self._esapi is None:
+            return
+        try:
+            self._esapi.flush_context(handle)
+        except TSS2_Exception as exc:
+            logger.warning("flushing transient key handle failed: %s", exc)
