@@ -97,8 +97,10 @@ def sshd_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cal
         sshd.stop()
         leaked += sshd.leaked_pids()
     if leaked:
-        for pid in leaked:
-            _kill_quietly(pid)
+        for sshd in started:
+            if sshd.process is not None and sshd.process.pid in leaked:
+                sshd.process.kill()
+                sshd.process.wait(timeout=5)
         pytest.fail(f"sshd pids {leaked} were still running after stop(); they were killed")
 
 

@@ -83,9 +83,10 @@ class Swtpm:
 
     def log_text(self) -> str:
         try:
-            return self.log_file.read_text(errors="replace")
+            text = self.log_file.read_text(errors="replace")
         except FileNotFoundError:
             return "(no swtpm log file)"
+        return text or "(swtpm log is empty)"
 
 
 def start_swtpm(state_dir: Path) -> Swtpm:
