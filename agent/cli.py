@@ -1,0 +1,148 @@
+"""The ``tpmsigner-agent`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from tpmsigner import __version__
+from tpmsigner.errors import TpmSignerError
+from tpmsigner.protocol.channel import format_public_key, public_key_fingerprint
+
+from .config import AgentHome, default_home
+from .socket_path import bind_agent_socket, default_socket_path
+
+logger = logging.getLogger("tpmsigner_agent")
+
+
+def _home(args: argparse.Namespace) -> AgentHome:
+    return AgentHome(Path(args.home) if args.home else default_home())
+
+
+def command_id(args: argparse.Namespace) -> int:
+    print(format_public_key(_home(args).static_key().public))
+    return 0
+
+
+def command_trust(args: argparse.Namespace) -> int:
+    signer = _home(args).trust(args.name, args.address, args.key)
+    print(
+        f"trusting signer {signer.name!r} at {signer.address} with key {public_key_fingerprint(signer.public_key)}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _serve(sock: socket.socket, path: Path, home: AgentHome) -> None:
+    from .server import AgentServer
+
+    signers = home.signers()
+    if not signers:
+        logger.warning("no signer is trusted yet; pin one with 'tpmsigner-agent trust NAME HOST:PORT KEY'")
+    server = AgentServer(signers, home.static_key())
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signal_number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(signal_number, stop.set)
+        await server.start(sock)
+        logger.info("agent listening on %s for %d signer(s)", path, len(signers))
+        try:
+            await stop.wait()
+        finally:
+            await server.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        logger.info("agent stopped")
+
+
+def command_run(args: argparse.Namespace) -> int:
+    home = _home(args)
+    home.static_key()  # create the key now, so a problem shows before forking
+    home.signers()
+    path = Path(args.socket) if args.socket else default_socket_path()
+    sock = bind_agent_socket(path)
+
+    if args.foreground:
+        _serve(sock, path, home)
+        return 0
+
+    pid = os.fork()
+    if pid:
+        sock.close()
+        print(f"SSH_AUTH_SOCK={path}; export SSH_AUTH_SOCK;")
+        print(f"SSH_AGENT_PID={pid}; export SSH_AGENT_PID;")
+        print(f"echo Agent pid {pid};")
+        return 0
+
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    try:
+        _serve(sock, path, home)
+    finally:
+        os._exit(0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tpmsigner-agent", description="ssh-agent that forwards signatures to a tpmsigner signer."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--home", help="agent state directory (default: $TPMSIGNER_AGENT_HOME, else $XDG_DATA_HOME/tpmsigner-agent)"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    id_parser = commands.add_parser("id", help="print this agent's Noise public key")
+    id_parser.set_defaults(handler=command_id)
+
+    trust = commands.add_parser("trust", help="pin a signer's address and Noise public key")
+    trust.add_argument("name", help="a name for the signer")
+    trust.add_argument("address", help="HOST:PORT the signer listens on")
+    trust.add_argument("key", help="the signer's key, as 'tpmsigner id' prints it")
+    trust.set_defaults(handler=command_trust)
+
+    run = commands.add_parser("run", help="serve the ssh-agent protocol on a UNIX socket")
+    run.add_argument("--socket", help="socket path (default: a new directory under $XDG_RUNTIME_DIR or /tmp)")
+    run.add_argument(
+        "--foreground", action="store_true", help="stay in the foreground instead of printing SSH_AUTH_SOCK and forking"
+    )
+    run.set_defaults(handler=command_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.handler(args)
+    except TpmSignerError as exc:
+        print(f"tpmsigner-agent: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

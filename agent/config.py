@@ -1,0 +1,94 @@
+"""The agent's home: its Noise key and the signers it trusts.
+
+``signers.json``: ``{"version": 1, "signers": {NAME: {"address": "HOST:PORT",
+"key": KEY}}}`` with KEY in the form that ``tpmsigner id`` prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from tpmsigner.errors import ConfigError
+from tpmsigner.fsutil import ensure_private_dir, write_private_file
+from tpmsigner.protocol.channel import StaticKey, format_public_key, parse_public_key
+
+SIGNERS_VERSION = 1
+NOISE_KEY_FILE = "noise-static-key.pem"
+SIGNERS_FILE = "signers.json"
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+
+
+def default_home() -> Path:
+    """Return ``$TPMSIGNER_AGENT_HOME``, else ``$XDG_DATA_HOME/tpmsigner-agent``."""
+    if os.environ.get("TPMSIGNER_AGENT_HOME"):
+        return Path(os.environ["TPMSIGNER_AGENT_HOME"])
+    data_home = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(data_home) / "tpmsigner-agent"
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6addr]:PORT`` for IPv6)."""
+    host, separator, port = value.rpartition(":")
+    if not separator or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"invalid address {value!r}: use HOST:PORT, for example 192.0.2.7:7810")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class PinnedSigner:
+    """A signer the agent talks to, and the Noise key it must present."""
+
+    name: str
+    host: str
+    port: int
+    public_key: bytes
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+class AgentHome:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def static_key(self) -> StaticKey:
+        ensure_private_dir(self.path)
+        return StaticKey.load_or_create(self.path / NOISE_KEY_FILE)
+
+    def signers(self) -> list[PinnedSigner]:
+        path = self.path / SIGNERS_FILE
+        if not path.exists():
+            return []
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if record.get("version") != SIGNERS_VERSION:
+                raise ValueError(f"unsupported version {record.get('version')!r}")
+            signers = []
+            for name, entry in sorted(record["signers"].items()):
+                host, port = parse_address(entry["address"])
+                signers.append(PinnedSigner(name, host, port, parse_public_key(entry["key"])))
+        except (OSError, ValueError, KeyError, AttributeError, TypeError, ConfigError) as exc:
+            raise ConfigError(f"cannot read the trusted signers file {path}: {exc}") from None
+        return signers
+
+    def trust(self, name: str, address: str, key_text: str) -> PinnedSigner:
+        """Pin a signer under ``name``, replacing an earlier entry of that name."""
+        if not NAME_PATTERN.fullmatch(name):
+            raise ConfigError(
+                f"invalid signer name {name!r}: use 1 to 64 letters, digits or . _ @ + -, "
+                "starting with a letter or digit"
+            )
+        host, port = parse_address(address)
+        signer = PinnedSigner(name, host, port, parse_public_key(key_text))
+        entries = {s.name: {"address": s.address, "key": format_public_key(s.public_key)} for s in self.signers()}
+        entries[name] = {"address": signer.address, "key": format_public_key(signer.public_key)}
+        ensure_private_dir(self.path)
+        text = json.dumps({"version": SIGNERS_VERSION, "signers": entries}, indent=2, sort_keys=True) + "\n"
+        write_private_file(self.path / SIGNERS_FILE, text.encode("utf-8"))
+        return signer

@@ -1,0 +1,174 @@
+"""The ssh-agent socket: read client messages, answer each one exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import struct
+import time
+
+from tpmsigner.errors import ProtocolError, SignerError
+from tpmsigner.protocol.channel import StaticKey
+from tpmsigner.protocol.signeddata import describe_signed_data
+from tpmsigner.protocol.sshkeys import fingerprint_of_blob
+
+from . import wire
+from .config import PinnedSigner
+from .peer import PeerCredentials, peer_credentials, process_info
+from .signer_client import SignerClient
+
+logger = logging.getLogger(__name__)
+
+# Once a message has started, the rest must follow within this time; an idle
+# connection between messages may stay open as long as the client likes,
+# as with OpenSSH's ssh-agent.
+MESSAGE_BODY_TIMEOUT = 10.0
+
+
+class AgentServer:
+    """Serves the ssh-agent protocol on a UNIX socket for a set of signers."""
+
+    def __init__(self, signers: list[PinnedSigner], static_key: StaticKey) -> None:
+        self.clients = [SignerClient(signer, static_key) for signer in signers]
+        self._key_owner: dict[bytes, SignerClient] = {}
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def start(self, sock: socket.socket) -> None:
+        """Serve on an already bound and listening UNIX socket."""
+        self._server = await asyncio.start_unix_server(self._accept, sock=sock)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.wait(self._connections, timeout=5.0)
+        for client in self.clients:
+            await client.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            sock = writer.get_extra_info("socket")
+            credentials = peer_credentials(sock) if sock is not None else None
+            if credentials is not None and credentials.uid not in (0, os.getuid()):
+                # As OpenSSH's ssh-agent does: only the owner (or root) may use it.
+                logger.warning("refused agent connection from uid %d (pid %d)", credentials.uid, credentials.pid)
+                return
+            await self._serve(reader, writer, credentials)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, credentials: PeerCredentials | None
+    ) -> None:
+        while True:
+            try:
+                header = await reader.readexactly(4)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            (length,) = struct.unpack(">I", header)
+
+            if length == 0 or length > wire.MAX_MESSAGE_LENGTH:
+                # The stream cannot be resynchronised after a bad length, so
+                # reply once and close, as OpenSSH's ssh-agent closes too.
+                logger.warning("client sent a message length of %d bytes; closing the connection", length)
+                await self._write(writer, wire.FAILURE)
+                return
+
+            try:
+                message = await asyncio.wait_for(reader.readexactly(length), MESSAGE_BODY_TIMEOUT)
+            except asyncio.TimeoutError:
+                logger.warning("client sent %d of a %d-byte message, then stalled; closing", 4, length)
+                return
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+
+            reply = await self._handle(message, credentials)
+            if not await self._write(writer, reply):
+                return
+
+    async def _write(self, writer: asyncio.StreamWriter, message: bytes) -> bool:
+        writer.write(wire.frame(message))
+        try:
+            await writer.drain()
+        except ConnectionError:
+            return False
+        return True
+
+    async def _handle(self, message: bytes, credentials: PeerCredentials | None) -> bytes:
+        message_type, body = message[0], message[1:]
+        if message_type == wire.SSH_AGENTC_REQUEST_IDENTITIES:
+            return await self._list_identities()
+        if message_type == wire.SSH_AGENTC_SIGN_REQUEST:
+            return await self._sign(body, credentials)
+
+        # Adding keys, locking, smartcards and every extension (OpenSSH 9.2
+        # sends session-bind@openssh.com first on each connection) fail
+        # politely: the keys live on the signer, not here.
+        logger.debug("replying SSH_AGENT_FAILURE to message type %d", message_type)
+        return wire.FAILURE
+
+    async def _list_identities(self) -> bytes:
+        results = await asyncio.gather(*(client.list_identities() for client in self.clients), return_exceptions=True)
+        identities: list[tuple[bytes, str]] = []
+        failures = 0
+        for client, result in zip(self.clients, results):
+            if isinstance(result, BaseException):
+                failures += 1
+                logger.warning("listing keys of signer %r failed: %s", client.signer.name, result)
+                continue
+            for blob, label in result:
+                self._key_owner[blob] = client
+                identities.append((blob, label))
+
+        if self.clients and failures == len(self.clients):
+            return wire.FAILURE
+        return wire.encode_identities_answer(identities)
+
+    async def _owner_of(self, key_blob: bytes) -> SignerClient | None:
+        if key_blob not in self._key_owner:
+            await self._list_identities()
+        return self._key_owner.get(key_blob)
+
+    async def _sign(self, body: bytes, credentials: PeerCredentials | None) -> bytes:
+        try:
+            request = wire.decode_sign_request(body)
+        except ProtocolError as exc:
+            logger.warning("malformed sign request (%d bytes): %s", len(body), exc)
+            return wire.FAILURE
+
+        started = time.monotonic()
+        process = process_info(credentials)
+        info = describe_signed_data(request.data, request.key_blob)
+        fingerprint = fingerprint_of_blob(request.key_blob)
+        client = await self._owner_of(request.key_blob)
+        if client is None:
+            logger.info("sign request from %s for unknown key %s: failed", process.describe(), fingerprint)
+            return wire.FAILURE
+
+        logger.info(
+            "sign request from %s: key %s, %s %s, sent to signer %r",
+            process.describe(),
+            fingerprint,
+            info.purpose,
+            info.destination or "-",
+            client.signer.name,
+        )
+        try:
+            signature = await client.sign(request.key_blob, request.data, request.flags, process)
+        except SignerError as exc:
+            logger.info("sign request for %s failed after %.1f s: %s", fingerprint, time.monotonic() - started, exc)
+            return wire.FAILURE
+
+        logger.info("sign request for %s approved after %.1f s", fingerprint, time.monotonic() - started)
+        return wire.encode_sign_response(signature)

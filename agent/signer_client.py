@@ -1,0 +1,155 @@
+"""A client for one signer: a Noise connection made on demand and reused.
+
+Requests carry ids, so several can be outstanding on one connection and a
+listing does not wait behind a signature that waits for a person.  When the
+connection fails, every outstanding request fails at once and the next
+request opens a new connection, so a restarted signer is picked up without
+restarting the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+
+from tpmsigner.errors import ChannelError, ProtocolError, SignerError
+from tpmsigner.protocol import channel
+from tpmsigner.protocol.messages import (
+    Failure,
+    ListReply,
+    ListRequest,
+    Message,
+    ProcessInfo,
+    SignReply,
+    SignRequest,
+    decode_message,
+    encode_message,
+)
+
+from .config import PinnedSigner
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0
+LIST_TIMEOUT = 10.0
+# Longer than the signer's default approval timeout of 60 s, so the signer's
+# own TIMED_OUT reply normally arrives first.
+SIGN_TIMEOUT = 120.0
+
+
+class SignerUnavailableError(SignerError):
+    """The signer could not be reached, or the connection broke."""
+
+
+class SignerClient:
+    def __init__(self, signer: PinnedSigner, static_key: channel.StaticKey) -> None:
+        self.signer = signer
+        self.static_key = static_key
+        self._secure: channel.NoiseChannel | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._connect_lock = asyncio.Lock()
+        self._waiting: dict[int, asyncio.Future[Message]] = {}
+        self._request_ids = itertools.count(1)
+
+    async def list_identities(self) -> list[tuple[bytes, str]]:
+        reply = await self._request(lambda request_id: ListRequest(request_id), LIST_TIMEOUT)
+        if isinstance(reply, ListReply):
+            return [(identity.key_blob, identity.label) for identity in reply.identities]
+        raise self._unexpected(reply)
+
+    async def sign(self, key_blob: bytes, data: bytes, flags: int, process: ProcessInfo) -> bytes:
+        reply = await self._request(
+            lambda request_id: SignRequest(request_id, key_blob, data, flags, process), SIGN_TIMEOUT
+        )
+        if isinstance(reply, SignReply):
+            return reply.signature
+        raise self._unexpected(reply)
+
+    async def close(self) -> None:
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+        if self._secure is not None:
+            await self._secure.close()
+        self._fail_waiting("the agent is shutting down")
+
+    def _unexpected(self, reply: Message) -> SignerError:
+        if isinstance(reply, Failure):
+            return SignerError(reply.message, code=reply.code)
+        return SignerError(f"unexpected reply {type(reply).__name__} from signer {self.signer.name!r}")
+
+    async def _request(self, build, timeout: float) -> Message:
+        secure = await self._connect()
+        request_id = next(self._request_ids) & 0xFFFFFFFF
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = future
+        try:
+            await secure.send(encode_message(build(request_id)))
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise SignerUnavailableError(
+                f"signer {self.signer.name!r} did not answer within {timeout:g} s"
+            ) from None
+        except ChannelError as exc:
+            await self._disconnect(str(exc))
+            raise SignerUnavailableError(f"signer {self.signer.name!r}: {exc}") from None
+        finally:
+            self._waiting.pop(request_id, None)
+
+    async def _connect(self) -> channel.NoiseChannel:
+        async with self._connect_lock:
+            if self._secure is not None:
+                return self._secure
+            address = self.signer.address
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(self.signer.host, self.signer.port), CONNECT_TIMEOUT
+                )
+            except (OSError, asyncio.TimeoutError) as exc:
+                reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else exc.strerror or str(exc)
+                raise SignerUnavailableError(
+                    f"cannot connect to signer {self.signer.name!r} at {address}: {reason}"
+                ) from None
+            try:
+                secure = await channel.initiate(reader, writer, self.static_key, self.signer.public_key)
+            except ChannelError as exc:
+                writer.close()
+                raise SignerUnavailableError(f"signer {self.signer.name!r} at {address}: {exc}") from None
+
+            logger.info("connected to signer %r at %s", self.signer.name, address)
+            self._secure = secure
+            self._reader_task = asyncio.create_task(self._read_replies(secure))
+            return secure
+
+    async def _read_replies(self, secure: channel.NoiseChannel) -> None:
+        try:
+            while True:
+                payload = await secure.receive()
+                try:
+                    message = decode_message(payload)
+                except ProtocolError as exc:
+                    logger.warning("signer %r sent a malformed reply: %s", self.signer.name, exc)
+                    continue
+                future = self._waiting.get(message.request_id)
+                if future is not None and not future.done():
+                    future.set_result(message)
+        except ChannelError as exc:
+            logger.info("connection to signer %r closed: %s", self.signer.name, exc)
+            if self._secure is secure:
+                self._secure = None
+                await secure.close()
+            self._fail_waiting(str(exc))
+
+    async def _disconnect(self, reason: str) -> None:
+        secure, self._secure = self._secure, None
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            self._reader_task = None
+        if secure is not None:
+            await secure.close()
+        self._fail_waiting(reason)
+
+    def _fail_waiting(self, reason: str) -> None:
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(SignerUnavailableError(f"signer {self.signer.name!r}: {reason}"))

@@ -1,0 +1,67 @@
+"""Create the agent's listening UNIX socket safely."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import tempfile
+from pathlib import Path
+
+from tpmsigner.errors import ConfigError
+
+LISTEN_BACKLOG = 128
+
+
+def default_socket_path() -> Path:
+    """Return a socket path in a new 0700 directory, as ssh-agent does."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    directory = tempfile.mkdtemp(prefix="tpmsigner-agent.", dir=base)
+    return Path(directory) / "agent.sock"
+
+
+def _is_live(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return False
+        raise ConfigError(f"cannot check whether {path} is in use: {exc.strerror}") from None
+    finally:
+        probe.close()
+    return True
+
+
+def bind_agent_socket(path: Path) -> socket.socket:
+    """Bind and listen on ``path``, mode 0600.
+
+    A missing parent directory is created with mode 0700.  A leftover
+    socket that nothing answers on is replaced; a live one is left alone,
+    because another agent is serving on it.
+    """
+    path = Path(path)
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True)
+
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise ConfigError(f"{path} exists and is not a socket; choose another --socket path")
+        if _is_live(path):
+            raise ConfigError(f"another agent is already serving on {path}; stop it first or choose another path")
+        path.unlink()
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot create the agent socket {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(LISTEN_BACKLOG)
+    return sock
