@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import OpenSshAgent, Sshd, Swtpm, pid_is_running, start_swtpm
+from tests.support.chain import Chain
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -123,3 +124,21 @@ def _kill_quietly(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+@pytest.fixture
+def chain(tmp_path: Path, short_tmp_path: Path, swtpm: Swtpm, request: pytest.FixtureRequest) -> Iterator[Chain]:
+    """Homes, approver and daemon launchers for the signer and the agent.
+
+    The test starts what it needs (``chain.start_signer()``,
+    ``chain.start_agent()``); teardown stops both and fails the test if
+    either is still alive.
+    """
+    test_chain = Chain(workdir=tmp_path / "chain", socket_dir=short_tmp_path, tcti=swtpm.tcti)
+    yield test_chain
+
+    if _test_failed(request):
+        print(test_chain.logs())
+    leaked = test_chain.stop()
+    if leaked:
+        pytest.fail(f"{', '.join(leaked)} still running after SIGTERM; killed")
