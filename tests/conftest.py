@@ -6,6 +6,11 @@ it used are printed, so they appear in pytest's report of that test.
 """
 
 import os
+
+# tpm2-tss prints a warning for every TPM error response; the tests cause
+# many on purpose.  It reads TSS2_LOG when the library loads.
+os.environ.setdefault("TSS2_LOG", "all+NONE")
+
 import shutil
 import signal
 import tempfile

@@ -57,16 +57,17 @@ def read_new_pin(pin_file: str | None) -> bytes:
 
 
 def command_keygen(args: argparse.Namespace) -> int:
+    from .identities import create_identity
     from .store import KeyStore, validate_label
     from .tpm import Tpm
 
     label = validate_label(args.label)
     store = KeyStore(resolve_home(args.home))
+    store.ensure_label_free(label)
     pin = read_new_pin(args.pin_file)
     with Tpm(resolve_tcti(args.tcti)) as tpm:
         print(f"creating an ECDSA P-256 key in the TPM at {tpm.tcti} ...", file=sys.stderr)
-        blob = tpm.create_ecdsa_key(pin)
-    identity = store.add(label, blob)
+        identity = create_identity(tpm, store, label, pin)
     print(f"created identity {label!r}, {identity.fingerprint}", file=sys.stderr)
     print(identity.openssh_line())
     return 0

@@ -11,14 +11,13 @@ Nothing here talks to the TPM, so listing identities works without one.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-
-import base64
 
 from .errors import IdentityExistsError, IdentityNotFoundError, KeyFileError, KeyStoreError
 from .fsutil import ensure_private_dir, write_private_file
@@ -144,13 +143,18 @@ class KeyStore:
             )
         return blob
 
-    def add(self, label: str, blob: TpmKeyBlob) -> Identity:
-        """Store a new identity; the key file is written before its metadata."""
+    def ensure_label_free(self, label: str) -> None:
+        """Raise IdentityExistsError if ``label`` is taken."""
         key_path, metadata_path = self._paths(label)
-        ensure_private_dir(self.home)
-        ensure_private_dir(self.keys_dir)
         if metadata_path.exists() or key_path.exists():
             raise IdentityExistsError(f"an identity labelled {label!r} already exists in {self.keys_dir}")
+
+    def add(self, label: str, blob: TpmKeyBlob) -> Identity:
+        """Store a new identity; the key file is written before its metadata."""
+        key_path, _ = self._paths(label)
+        ensure_private_dir(self.home)
+        ensure_private_dir(self.keys_dir)
+        self.ensure_label_free(label)
 
         public_key = public_key_of(blob)
         identity = Identity(

@@ -32,7 +32,7 @@ from ..protocol.messages import (
     request_id_of,
 )
 from ..protocol.signeddata import describe_signed_data
-from ..protocol.sshkeys import digest_for_signing, encode_ecdsa_signature, verify_ecdsa_signature
+from ..identities import sign_data
 from ..store import Identity, KeyStore
 from .approvers import DEFAULT_APPROVAL_TIMEOUT, ApprovalRequest, Approver
 from .devices import Device, DeviceRegistry
@@ -274,11 +274,11 @@ class _AgentSession:
 
     async def _sign_in_tpm(self, request: SignRequest, identity: Identity, pin: str) -> Message:
         request_id = request.request_id
-        public_key = identity.public_key
+        worker = self.server.worker
         try:
-            blob = self.server.store.key_blob(identity)
-            digest = digest_for_signing(public_key, request.data)
-            r, s = await self.server.worker.call(self.server.worker.tpm.sign_digest, blob, digest, pin.encode("utf-8"))
+            signature = await worker.call(
+                sign_data, worker.tpm, self.server.store, identity, request.data, pin.encode("utf-8")
+            )
         except TpmAuthError:
             logger.warning(
                 "request %d: wrong PIN for key %r; it counts toward the TPM's dictionary-attack lockout",
@@ -295,14 +295,6 @@ class _AgentSession:
         except (TpmError, KeyStoreError) as exc:
             logger.error("request %d: %s", request_id, exc)
             return Failure(request_id, FailureCode.TPM_ERROR, "the signer's TPM failed; see the signer's log")
-
-        signature = encode_ecdsa_signature(public_key, r, s)
-        # Check the TPM's answer against the stored public key before it
-        # leaves the host, so a wrong key or a faulty TPM never yields a bad
-        # signature that a server might log.
-        if not verify_ecdsa_signature(public_key, request.data, signature):
-            logger.error("request %d: the TPM's signature does not verify with key %r", request_id, identity.label)
-            return Failure(request_id, FailureCode.TPM_ERROR, "the TPM produced an invalid signature")
 
         logger.info("request %d: signed with %r", request_id, identity.label)
         return SignReply(request_id, signature)
