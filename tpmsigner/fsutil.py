@@ -13,7 +13,10 @@ PRIVATE_FILE_MODE = 0o600
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) with mode 0700, or tighten an existing one.
+    """Create ``path`` with mode 0700, or tighten an existing one.
+
+    Missing parent directories are created with the default mode, as
+    ``mkdir -p`` does; only ``path`` itself must be private.
 
     An existing directory owned by another user is rejected, because its
     owner could swap the files we are about to trust.

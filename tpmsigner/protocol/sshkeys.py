@@ -135,7 +135,7 @@ def verify_ecdsa_signature(key: SshPublicKey, data: bytes, signature_blob: bytes
     except (PacketDecodeError, UnicodeDecodeError):
         return False
 
-    if key_type != key.key_type:
+    if key_type != key.key_type or r <= 0 or s <= 0:
         return False
 
     hash_class = _CRYPTO_HASHES[key.curve.hash_name]

@@ -1,0 +1,72 @@
+"""The agent through the asyncssh and paramiko agent clients."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncssh
+import paramiko
+import pytest
+
+from tests.support.chain import Chain
+
+PIN = "4711-agent-clients"
+
+
+@pytest.fixture
+def running_chain(chain: Chain) -> tuple[Chain, str]:
+    public_line = chain.keygen("work", PIN)
+    chain.pair()
+    chain.start_signer()
+    chain.start_agent()
+    return chain, public_line
+
+
+def test_asyncssh_client_lists_and_signs(running_chain) -> None:
+    chain, public_line = running_chain
+
+    async def list_and_sign() -> tuple[list[asyncssh.SSHKeyPair], bytes]:
+        async with asyncssh.connect_agent(str(chain.agent_socket)) as agent:
+            keys = await agent.get_keys()
+            signature = await keys[0].sign_async(b"asyncssh payload")
+            return keys, signature
+
+    keys, signature = asyncio.run(asyncio.wait_for(list_and_sign(), 60))
+
+    assert len(keys) == 1
+    assert keys[0].get_comment() == "work"
+    assert keys[0].public_data == asyncssh.import_public_key(public_line).public_data
+    assert asyncssh.import_public_key(public_line).verify(b"asyncssh payload", signature)
+    assert chain.approver_requests()[0]["TPMSIGNER_PURPOSE"] == "unknown"
+
+
+def test_asyncssh_client_sees_refusal_as_error(running_chain) -> None:
+    chain, _ = running_chain
+    chain.set_decision("deny")
+
+    async def sign() -> bytes:
+        async with asyncssh.connect_agent(str(chain.agent_socket)) as agent:
+            keys = await agent.get_keys()
+            return await keys[0].sign_async(b"refused payload")
+
+    with pytest.raises(ValueError, match="Unable to sign"):
+        asyncio.run(asyncio.wait_for(sign(), 60))
+    assert len(chain.approver_requests()) == 1
+
+
+def test_paramiko_client_lists_and_signs(running_chain, monkeypatch) -> None:
+    chain, public_line = running_chain
+    monkeypatch.setenv("SSH_AUTH_SOCK", str(chain.agent_socket))
+
+    agent = paramiko.Agent()
+    try:
+        keys = agent.get_keys()
+        assert len(keys) == 1
+        assert keys[0].comment == "work"
+        assert keys[0].asbytes() == asyncssh.import_public_key(public_line).public_data
+        signature = keys[0].sign_ssh_data(b"paramiko payload")
+    finally:
+        agent.close()
+
+    assert asyncssh.import_public_key(public_line).verify(b"paramiko payload", signature)
+    assert len(chain.approver_requests()) == 1
