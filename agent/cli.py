@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from tpmsigner import __version__
-from tpmsigner.errors import TpmSignerError
+from tpmsigner.errors import ConfigError, TpmSignerError
 from tpmsigner.protocol.channel import format_public_key, public_key_fingerprint
 
 from .config import AgentHome, default_home
@@ -73,6 +73,8 @@ def command_run(args: argparse.Namespace) -> int:
     home = _home(args)
     home.static_key()  # create the key now, so a problem shows before forking
     home.signers()
+    if args.log_file and args.foreground:
+        raise ConfigError("--log-file applies to the background mode; in the foreground the log goes to stderr")
     path = Path(args.socket) if args.socket else default_socket_path()
     sock = bind_agent_socket(path)
 
@@ -88,10 +90,15 @@ def command_run(args: argparse.Namespace) -> int:
         print(f"echo Agent pid {pid};")
         return 0
 
+    # Like ssh-agent, the background agent lets go of the terminal and of
+    # the caller's pipes, so `eval "$(tpmsigner-agent run)"` and a caller
+    # that captures stderr both return at once.  Its log goes to --log-file.
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
+    log_fd = os.open(args.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600) if args.log_file else devnull
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
+    os.dup2(log_fd, 2)
     os.close(devnull)
     try:
         _serve(sock, path, home)
@@ -124,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--foreground", action="store_true", help="stay in the foreground instead of printing SSH_AUTH_SOCK and forking"
     )
+    run.add_argument("--log-file", help="in the background, append the log to this file (default: discard it)")
     run.set_defaults(handler=command_run)
     return parser
 

@@ -12,12 +12,13 @@ lines, exactly as a person would, against a given swtpm.  The approver is a
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
-import textwrap
+import termios
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,16 +163,35 @@ class Chain:
 
     # ---- daemons -----------------------------------------------------------
 
-    def _spawn(self, name: str, argv: list[str]) -> ManagedProcess:
+    def _spawn(self, name: str, argv: list[str], controlling_tty: int | None = None) -> ManagedProcess:
+        """Start a daemon in a new session, with ``controlling_tty`` as its terminal if given."""
         self._logs += 1
         log_file = self.workdir / f"{name}-{self._logs}.log"
+
+        def take_terminal() -> None:
+            if controlling_tty is not None:
+                fcntl.ioctl(controlling_tty, termios.TIOCSCTTY, 0)
+
         with open(log_file, "wb") as log:
             process = subprocess.Popen(
-                argv, env=self.environment(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                argv,
+                env=self.environment(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                pass_fds=() if controlling_tty is None else (controlling_tty,),
+                preexec_fn=take_terminal,
             )
         return ManagedProcess(name, process, log_file)
 
-    def start_signer(self, *extra_args: str, approval_timeout: float = 20.0) -> ManagedProcess:
+    def start_signer(
+        self,
+        *extra_args: str,
+        approval_timeout: float = 20.0,
+        approver: str | None = None,
+        controlling_tty: int | None = None,
+    ) -> ManagedProcess:
         argv = [
             *SIGNER_COMMAND,
             "--home",
@@ -180,12 +200,12 @@ class Chain:
             "--listen",
             f"{LOCALHOST}:{self.signer_port}",
             "--approver",
-            f"command:{self.approver_program}",
+            approver or f"command:{self.approver_program}",
             "--approval-timeout",
             str(approval_timeout),
             *extra_args,
         ]
-        signer = self._spawn("signer", argv)
+        signer = self._spawn("signer", argv, controlling_tty)
         self.signer = signer
         self._wait_for_log(signer, "signer listening on")
         return signer

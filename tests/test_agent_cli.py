@@ -1,0 +1,113 @@
+"""tpmsigner-agent run: background mode, socket permissions, socket reuse."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+
+import pytest
+
+from tests.support import pid_is_running, wait_until
+from tests.support.chain import AGENT_COMMAND, Chain
+
+PIN = "4711-agent-cli"
+
+
+def run_agent_command(chain: Chain, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*AGENT_COMMAND, "--home", str(chain.agent_home), "run", *args],
+        env=env or chain.environment(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_background_mode_prints_ssh_agent_lines(chain: Chain, short_tmp_path) -> None:
+    public_line = chain.keygen("work", PIN)
+    chain.pair()
+    chain.start_signer()
+    environment = chain.environment()
+    environment["XDG_RUNTIME_DIR"] = str(short_tmp_path)
+
+    log_file = chain.workdir / "background-agent.log"
+    result = run_agent_command(chain, "--log-file", str(log_file), env=environment)
+
+    assert result.returncode == 0, result.stderr
+    match = re.fullmatch(
+        r"SSH_AUTH_SOCK=(\S+); export SSH_AUTH_SOCK;\nSSH_AGENT_PID=(\d+); export SSH_AGENT_PID;\necho Agent pid \2;\n",
+        result.stdout,
+    )
+    assert match, result.stdout
+    socket_path, agent_pid = match.group(1), int(match.group(2))
+    try:
+        assert os.stat(socket_path).st_mode & 0o777 == 0o600
+        assert os.stat(os.path.dirname(socket_path)).st_mode & 0o777 == 0o700
+        listed = subprocess.run(
+            ["ssh-add", "-L"],
+            env={**environment, "SSH_AUTH_SOCK": socket_path},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert listed.stdout.strip() == public_line
+    finally:
+        os.kill(agent_pid, signal.SIGTERM)
+    wait_until(lambda: not pid_is_running(agent_pid), 10, "the background agent to exit")
+    assert not os.path.exists(socket_path)
+    assert "agent listening on" in log_file.read_text()
+    assert os.stat(log_file).st_mode & 0o777 == 0o600
+
+
+def test_second_agent_refuses_live_socket(chain: Chain) -> None:
+    chain.start_agent()
+
+    result = run_agent_command(chain, "--socket", str(chain.agent_socket), "--foreground")
+
+    assert result.returncode == 1
+    assert "another agent is already serving" in result.stderr
+    assert chain.agent is not None and chain.agent.is_running()
+
+
+def test_stale_socket_is_replaced(chain: Chain) -> None:
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(chain.agent_socket))
+    stale.close()
+    assert chain.agent_socket.exists()
+
+    chain.start_agent()
+
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(chain.agent_socket))
+    finally:
+        probe.close()
+
+
+def test_socket_path_that_is_a_file_is_refused(chain: Chain) -> None:
+    chain.agent_socket.write_text("not a socket")
+
+    result = run_agent_command(chain, "--socket", str(chain.agent_socket), "--foreground")
+
+    assert result.returncode == 1
+    assert "is not a socket" in result.stderr
+    assert chain.agent_socket.read_text() == "not a socket"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("trust", "home", "127.0.0.1", "tpmsigner-noise-x25519:AAAA"), "invalid address"),
+        (("trust", "home", "127.0.0.1:7810", "ssh-ed25519 AAAA"), "invalid Noise public key"),
+        (("trust", "bad name", "127.0.0.1:7810", "tpmsigner-noise-x25519:AAAA"), "invalid signer name"),
+    ],
+)
+def test_trust_rejects_bad_arguments(chain: Chain, args: tuple[str, ...], message: str) -> None:
+    result = chain.tpmsigner_agent(*args, check=False)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert not (chain.agent_home / "signers.json").exists()

@@ -1,0 +1,180 @@
+"""Approvers in the running signer: command:, tty, and their failure modes."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+from tpm2_pytss import ESAPI
+from tpm2_pytss.constants import TPM2_CAP, TPM2_PT
+from tpm2_pytss.TCTILdr import TCTILdr
+
+from tests.support import pid_is_running, wait_until
+from tests.support.chain import Chain
+
+PIN = "4711-approvers"
+
+
+def lockout_counter(tcti: str) -> int:
+    esapi = ESAPI(TCTILdr.parse(tcti))
+    try:
+        _, data = esapi.get_capability(TPM2_CAP.TPM_PROPERTIES, TPM2_PT.LOCKOUT_COUNTER, 1)
+        return int(data.data.tpmProperties[0].value)
+    finally:
+        esapi.close()
+
+
+def sign_with_ssh_keygen(chain: Chain, public_line: str) -> subprocess.Popen[str]:
+    pub_file = chain.workdir / "work.pub"
+    pub_file.write_text(public_line + "\n")
+    message = chain.workdir / "message.txt"
+    message.write_text("to be signed\n")
+    return subprocess.Popen(
+        ["ssh-keygen", "-Y", "sign", "-n", "file", "-f", str(pub_file), str(message)],
+        env=chain.agent_environment(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def write_approver(chain: Chain, name: str, body: str) -> str:
+    program = chain.workdir / name
+    program.write_text(f"#!{sys.executable}\n{body}")
+    program.chmod(0o755)
+    return str(program)
+
+
+def test_hanging_approver_is_killed_and_refuses(chain: Chain) -> None:
+    public_line = chain.keygen("work", PIN)
+    chain.pair()
+    pid_file = chain.workdir / "approver.pid"
+    approver = write_approver(
+        chain,
+        "hang",
+        f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n",
+    )
+    chain.start_signer(approver=f"command:{approver}", approval_timeout=1.0)
+    chain.start_agent()
+
+    started = time.monotonic()
+    signing = sign_with_ssh_keygen(chain, public_line)
+    _, stderr = signing.communicate(timeout=30)
+
+    assert signing.returncode != 0, stderr
+    assert time.monotonic() - started < 15
+    assert chain.signer is not None
+    assert "no answer within 1 s" in chain.signer.log_text()
+    approver_pid = int(pid_file.read_text())
+    wait_until(lambda: not pid_is_running(approver_pid), 5, "the timed-out approver to be killed")
+
+
+def test_missing_approver_refuses_without_tpm(chain: Chain, swtpm) -> None:
+    public_line = chain.keygen("work", PIN)
+    chain.pair()
+    counter_before = lockout_counter(swtpm.tcti)
+    chain.start_signer(approver=f"command:{chain.workdir / 'no-such-program'}")
+    chain.start_agent()
+
+    signing = sign_with_ssh_keygen(chain, public_line)
+    _, stderr = signing.communicate(timeout=30)
+
+    assert signing.returncode != 0, stderr
+    assert chain.signer is not None
+    signer_log = chain.signer.log_text()
+    assert "cannot run approver" in signer_log
+    assert "signed with" not in signer_log
+    assert lockout_counter(swtpm.tcti) == counter_before
+
+
+def test_approver_output_without_newline_is_the_pin(chain: Chain) -> None:
+    public_line = chain.keygen("work", PIN)
+    chain.pair()
+    approver = write_approver(chain, "no-newline", f"import sys\nsys.stdout.write({PIN!r})\n")
+    chain.start_signer(approver=f"command:{approver}")
+    chain.start_agent()
+
+    signing = sign_with_ssh_keygen(chain, public_line)
+    _, stderr = signing.communicate(timeout=30)
+
+    assert signing.returncode == 0, stderr
+
+
+def test_approver_exit_status_overrides_printed_pin(chain: Chain) -> None:
+    public_line = chain.keygen("work", PIN)
+    chain.pair()
+    approver = write_approver(chain, "prints-then-fails", f"print({PIN!r})\nraise SystemExit(3)\n")
+    chain.start_signer(approver=f"command:{approver}")
+    chain.start_agent()
+
+    signing = sign_with_ssh_keygen(chain, public_line)
+    signing.communicate(timeout=30)
+
+    assert signing.returncode != 0
+    assert chain.signer is not None
+    assert "approver exited with status 3: refused" in chain.signer.log_text()
+
+
+def test_tty_approver_without_terminal_refuses_fast(chain: Chain, swtpm) -> None:
+    public_line = chain.keygen("work", PIN)
+    chain.pair()
+    counter_before = lockout_counter(swtpm.tcti)
+    chain.start_signer(approver="tty")
+    chain.start_agent()
+
+    started = time.monotonic()
+    signing = sign_with_ssh_keygen(chain, public_line)
+    signing.communicate(timeout=30)
+
+    assert signing.returncode != 0
+    assert time.monotonic() - started < 5
+    assert chain.signer is not None
+    assert "no terminal to ask on" in chain.signer.log_text()
+    assert lockout_counter(swtpm.tcti) == counter_before
+
+
+def read_terminal_until(master: int, marker: bytes, timeout: float) -> bytes:
+    output = b""
+    deadline = time.monotonic() + timeout
+    while marker not in output:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"terminal never showed {marker!r}; it showed {output!r}")
+        readable, _, _ = select.select([master], [], [], remaining)
+        if readable:
+            output += os.read(master, 4096)
+    return output
+
+
+def test_tty_approver_prompts_and_hides_pin(chain: Chain) -> None:
+    public_line = chain.keygen("work", PIN)
+    chain.pair()
+    master, slave = pty.openpty()
+    try:
+        chain.start_signer(approver="tty", controlling_tty=slave)
+        chain.start_agent()
+
+        signing = sign_with_ssh_keygen(chain, public_line)
+        shown = read_terminal_until(master, b"PIN for work", timeout=20)
+        os.write(master, PIN.encode() + b"\n")
+        _, stderr = signing.communicate(timeout=30)
+        time.sleep(0.2)
+        readable, _, _ = select.select([master], [], [], 0.5)
+        if readable:
+            shown += os.read(master, 4096)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+    assert signing.returncode == 0, stderr
+    text = shown.decode(errors="replace")
+    assert "Signature request" in text
+    assert "device:      test-laptop" in text
+    assert "purpose:     sshsig:file" in text
+    assert "ssh-keygen" in text
+    assert PIN not in text
