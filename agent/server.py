@@ -1,4 +1,4 @@
-"""The ssh-agent socket: read client messages, answer each one exactly once."""
+"""The ssh-agent socket: read client messages and reply to each exactly once."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from .signer_client import SignerClient
 
 logger = logging.getLogger(__name__)
 
-# Once a message has started, the rest must follow within this time; an idle
-# connection between messages may stay open as long as the client likes,
-# as with OpenSSH's ssh-agent.
+# Once a message has started, the rest must follow within this time.  An
+# idle connection between messages may stay open as long as the client
+# likes, as with OpenSSH's ssh-agent.
 MESSAGE_BODY_TIMEOUT = 10.0
 
 

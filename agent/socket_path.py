@@ -39,8 +39,8 @@ def bind_agent_socket(path: Path) -> socket.socket:
     """Bind and listen on ``path``, mode 0600.
 
     A missing parent directory is created with mode 0700.  A leftover
-    socket that nothing answers on is replaced; a live one is left alone,
-    because another agent is serving on it.
+    socket with no listener is replaced.  A live one is left alone, because
+    another agent is serving on it.
     """
     path = Path(path)
     if not path.parent.exists():

@@ -69,7 +69,7 @@ def test_hanging_approver_is_killed_and_refuses(chain: Chain) -> None:
     assert signing.returncode != 0, stderr
     assert time.monotonic() - started < 15
     assert chain.signer is not None
-    assert "no answer within 1 s" in chain.signer.log_text()
+    assert "no approval within 1 s: denied" in chain.signer.log_text()
     approver_pid = int(pid_file.read_text())
     wait_until(lambda: not pid_is_running(approver_pid), 5, "the timed-out approver to be killed")
 

@@ -117,7 +117,7 @@ def test_refusal_fails_login(chain: Chain, sshd_factory) -> None:
     assert "logged-in" not in result.stdout
     assert len(chain.approver_requests()) == 1
     assert chain.signer is not None
-    assert "refused by the approver" in chain.signer.log_text()
+    assert "denied by the approver" in chain.signer.log_text()
     assert "signed with" not in chain.signer.log_text()
 
 

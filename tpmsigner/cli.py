@@ -23,7 +23,7 @@ DEVICES_FILE = "devices.json"
 
 def _configure_tss_logging() -> None:
     # tpm2-tss prints a WARNING for every TPM error response, including
-    # each wrong PIN; our own log line says the same thing more clearly.
+    # each wrong PIN.  Our own log line reports the same failure more clearly.
     # TSS2_LOG is read when the library loads, so set it before the import.
     os.environ.setdefault("TSS2_LOG", "all+NONE")
 

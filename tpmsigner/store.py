@@ -138,7 +138,7 @@ class KeyStore:
         blob = decode_key_file(pem, source=str(key_path))
         if public_key_of(blob).blob != identity.public_key_blob:
             raise KeyFileError(
-                f"key file {key_path} holds another public key than its metadata records; "
+                f"key file {key_path} contains a different public key than its metadata records; "
                 "restore the pair of files from the same backup"
             )
         return blob

@@ -1,6 +1,6 @@
 """SSH public keys and signatures in the wire formats of RFC 4253 and RFC 5656.
 
-The TPM hands out raw curve points and raw signature integers; this module
+The TPM returns raw curve points and raw signature integers.  This module
 turns them into the blobs that OpenSSH reads, and verifies a signature
 against a public key before it is given to anyone.
 """

@@ -224,7 +224,7 @@ class _AgentSession:
             return Failure(request_id, FailureCode.INTERNAL_ERROR, "the signer cannot read its key store")
 
         if not identity.enabled:
-            logger.warning("device %r asked to sign with disabled key %r: refused", self.device.name, identity.label)
+            logger.warning("device %r asked to sign with disabled key %r: rejected", self.device.name, identity.label)
             return Failure(request_id, FailureCode.KEY_DISABLED, f"key {identity.label!r} is disabled")
 
         # The signer reads the purpose from the data itself rather than
@@ -261,14 +261,14 @@ class _AgentSession:
         try:
             pin = await asyncio.wait_for(self.server.approver.request_pin(approval), timeout)
         except asyncio.TimeoutError:
-            logger.info("request %d: no answer within %g s: refused", request_id, timeout)
+            logger.info("request %d: no approval within %g s: denied", request_id, timeout)
             return Failure(request_id, FailureCode.TIMED_OUT, f"no approval within {timeout:g} s")
         except Exception:  # noqa: BLE001 - an approver bug must refuse, not crash the signer
-            logger.exception("request %d: the approver failed: refused", request_id)
+            logger.exception("request %d: the approver failed: denied", request_id)
             return Failure(request_id, FailureCode.DENIED, "the approver failed")
 
         if not pin:
-            logger.info("request %d: refused by the approver", request_id)
+            logger.info("request %d: denied by the approver", request_id)
             return Failure(request_id, FailureCode.DENIED, "refused on the signer")
         return pin
 
