@@ -24,10 +24,6 @@ SSH_AGENT_SIGN_RESPONSE = 14
 SSH_AGENTC_EXTENSION = 27
 SSH_AGENT_EXTENSION_FAILURE = 28
 
-# Signature flags, draft-miller-ssh-agent section 6.6.1.
-SSH_AGENT_RSA_SHA2_256 = 2
-SSH_AGENT_RSA_SHA2_512 = 4
-
 # OpenSSH's ssh-agent refuses messages over 256 KiB (AGENT_MAX_LEN); so do we.
 MAX_MESSAGE_LENGTH = 256 * 1024
 

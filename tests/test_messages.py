@@ -20,6 +20,7 @@ from tpmsigner.protocol.messages import (
     encode_message,
     request_id_of,
 )
+from tpmsigner.protocol.sshkeys import SSH_AGENT_RSA_SHA2_256
 from tpmsigner_agent import wire
 
 FUZZ_SEED = 20240521
@@ -121,7 +122,7 @@ def test_unknown_message_type_rejected(message_type: int) -> None:
         decode_message(payload)
 
 
-@pytest.mark.parametrize("code", [0, 11, 0xFFFFFFFF])
+@pytest.mark.parametrize("code", [0, max(FailureCode) + 1, 0xFFFFFFFF])
 def test_unknown_failure_code_rejected(code: int) -> None:
     payload = b"\x05" + struct.pack(">II", 1, code) + ssh_string("text")
 
@@ -239,7 +240,7 @@ def test_decode_identities_answer_fuzz() -> None:
 
 
 def test_wire_sign_request_round_trip() -> None:
-    request = wire.SignRequest(b"key blob", b"data", wire.SSH_AGENT_RSA_SHA2_256)
+    request = wire.SignRequest(b"key blob", b"data", SSH_AGENT_RSA_SHA2_256)
 
     encoded = wire.encode_sign_request(request)
 

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from tests.support import Sshd
 from tpmsigner.protocol.signeddata import PURPOSE_SSH_LOGIN, PURPOSE_UNKNOWN, describe_signed_data
-from tpmsigner.protocol.sshkeys import NISTP256, SshPublicKey, encode_ecdsa_signature
+from tpmsigner.protocol.sshkeys import NISTP256, EcdsaPublicKey, encode_ecdsa_signature
 
 TOOL_TIMEOUT_SECONDS = 30
 AGENT_SOCKET_TIMEOUT_SECONDS = 10
@@ -72,10 +72,10 @@ def sshsig_data(namespace: str, message: bytes, hash_algorithm: str = "sha512") 
     return b"SSHSIG" + ssh_string(namespace) + ssh_string(b"") + ssh_string(hash_algorithm) + ssh_string(digest)
 
 
-def new_key() -> tuple[ec.EllipticCurvePrivateKey, SshPublicKey]:
+def new_key() -> tuple[ec.EllipticCurvePrivateKey, EcdsaPublicKey]:
     private_key = ec.generate_private_key(ec.SECP256R1())
     numbers = private_key.public_key().public_numbers()
-    return private_key, SshPublicKey(NISTP256, numbers.x, numbers.y)
+    return private_key, EcdsaPublicKey(NISTP256, numbers.x, numbers.y)
 
 
 class RecordingAgent:

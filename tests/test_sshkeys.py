@@ -20,7 +20,7 @@ from tpmsigner.errors import ProtocolError
 from tpmsigner.protocol.sshkeys import (
     NISTP256,
     NISTP384,
-    SshPublicKey,
+    EcdsaPublicKey,
     digest_for_signing,
     encode_ecdsa_signature,
     fingerprint_of_blob,
@@ -41,19 +41,19 @@ def key_blob(key_type: str, curve_name: str, point: bytes) -> bytes:
     return ssh_string(key_type) + ssh_string(curve_name) + ssh_string(point)
 
 
-def generate_key(curve: ec.EllipticCurve = ec.SECP256R1()) -> tuple[ec.EllipticCurvePrivateKey, SshPublicKey]:
+def generate_key(curve: ec.EllipticCurve = ec.SECP256R1()) -> tuple[ec.EllipticCurvePrivateKey, EcdsaPublicKey]:
     private_key = ec.generate_private_key(curve)
     numbers = private_key.public_key().public_numbers()
     ssh_curve = NISTP256 if isinstance(curve, ec.SECP256R1) else NISTP384
-    return private_key, SshPublicKey(ssh_curve, numbers.x, numbers.y)
+    return private_key, EcdsaPublicKey(ssh_curve, numbers.x, numbers.y)
 
 
-def uncompressed_point(key: SshPublicKey) -> bytes:
+def uncompressed_point(key: EcdsaPublicKey) -> bytes:
     size = key.curve.coordinate_size
     return b"\x04" + key.x.to_bytes(size, "big") + key.y.to_bytes(size, "big")
 
 
-def sign_with_cryptography(private_key: ec.EllipticCurvePrivateKey, key: SshPublicKey, data: bytes) -> bytes:
+def sign_with_cryptography(private_key: ec.EllipticCurvePrivateKey, key: EcdsaPublicKey, data: bytes) -> bytes:
     hash_class = hashes.SHA256 if key.curve is NISTP256 else hashes.SHA384
     r, s = decode_dss_signature(private_key.sign(data, ec.ECDSA(hash_class())))
     return encode_ecdsa_signature(key, r, s)
@@ -76,7 +76,7 @@ def keygen_fingerprint(public_key_file: Path) -> str:
 def test_blob_round_trip(curve: ec.EllipticCurve) -> None:
     _, key = generate_key(curve)
 
-    parsed = SshPublicKey.from_blob(key.blob)
+    parsed = EcdsaPublicKey.from_blob(key.blob)
 
     assert parsed == key
     assert parsed.blob == key.blob
@@ -92,7 +92,7 @@ def test_blob_exact_bytes() -> None:
 
 def test_blob_pads_short_coordinates() -> None:
     # A coordinate below 2**248 still takes all 32 bytes in the point.
-    key = SshPublicKey(NISTP256, 5, 7)
+    key = EcdsaPublicKey(NISTP256, 5, 7)
 
     point = key.blob[-65:]
 
@@ -111,7 +111,7 @@ def test_from_blob_reads_ssh_keygen_key(tmp_path: Path) -> None:
     line = (tmp_path / "id_ecdsa.pub").read_text().strip()
     blob = base64.b64decode(line.split()[1])
 
-    key = SshPublicKey.from_blob(blob)
+    key = EcdsaPublicKey.from_blob(blob)
 
     assert key.curve is NISTP256
     assert key.openssh_line("keygen-key") == line
@@ -183,12 +183,12 @@ MALFORMED_BLOBS = {
 @pytest.mark.parametrize("blob", MALFORMED_BLOBS.values(), ids=MALFORMED_BLOBS.keys())
 def test_from_blob_rejects_malformed(blob: bytes) -> None:
     with pytest.raises(ProtocolError):
-        SshPublicKey.from_blob(blob)
+        EcdsaPublicKey.from_blob(blob)
 
 
 def test_from_blob_names_unsupported_type() -> None:
     with pytest.raises(ProtocolError, match="ssh-ed25519"):
-        SshPublicKey.from_blob(MALFORMED_BLOBS["ed25519 key type"])
+        EcdsaPublicKey.from_blob(MALFORMED_BLOBS["ed25519 key type"])
 
 
 @pytest.mark.parametrize(
@@ -207,7 +207,7 @@ def test_from_blob_names_unsupported_type() -> None:
     ids=["top-bit-set", "31-bytes", "31-bytes-top-bit", "2-bytes", "0x80", "one"],
 )
 def test_signature_uses_minimal_mpints(r: int, encoded_r: bytes) -> None:
-    key = SshPublicKey(NISTP256, 5, 7)
+    key = EcdsaPublicKey(NISTP256, 5, 7)
     s = 0x0102
     encoded_s = b"\x00\x00\x00\x02\x01\x02"
 
@@ -217,7 +217,7 @@ def test_signature_uses_minimal_mpints(r: int, encoded_r: bytes) -> None:
 
 
 def test_minimal_mpint_strips_padding() -> None:
-    key = SshPublicKey(NISTP256, 5, 7)
+    key = EcdsaPublicKey(NISTP256, 5, 7)
     padded_r = bytes(29) + b"\x01\x02\x03"
 
     blob = encode_ecdsa_signature(key, int.from_bytes(padded_r, "big"), 1)

@@ -69,7 +69,7 @@ def test_key_has_pin_and_lockout_attributes(swtpm, store) -> None:
         assert not attributes & forbidden, f"unexpected {forbidden!s}"
     assert key.empty_auth is False
     assert key.parent == PARENT_OWNER
-    assert identity.key_type == "ecdsa-sha2-nistp256"
+    assert identity.key_type == "ecdsa-p256"
 
 
 def test_store_files_are_private(swtpm, store) -> None:

@@ -58,16 +58,18 @@ def read_new_pin(pin_file: str | None) -> bytes:
 
 def command_keygen(args: argparse.Namespace) -> int:
     from .identities import create_identity
+    from .keytypes import key_type_by_name
     from .store import KeyStore, validate_label
     from .tpm import Tpm
 
     label = validate_label(args.label)
+    key_type = key_type_by_name(args.type)
     store = KeyStore(resolve_home(args.home))
     store.ensure_label_free(label)
     pin = read_new_pin(args.pin_file)
     with Tpm(resolve_tcti(args.tcti)) as tpm:
-        print(f"creating an ECDSA P-256 key in the TPM at {tpm.tcti} ...", file=sys.stderr)
-        identity = create_identity(tpm, store, label, pin)
+        print(f"creating an {key_type.description} key in the TPM at {tpm.tcti} ...", file=sys.stderr)
+        identity = create_identity(tpm, store, label, pin, key_type)
     print(f"created identity {label!r}, {identity.fingerprint}", file=sys.stderr)
     print(identity.openssh_line())
     return 0
@@ -175,8 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    keygen = commands.add_parser("keygen", help="create an ECDSA P-256 key in the TPM and print its public key")
+    keygen = commands.add_parser("keygen", help="create a key in the TPM and print its OpenSSH public key")
     keygen.add_argument("label", help="name of the new identity, also the key comment")
+    keygen.add_argument(
+        "--type",
+        default="ecdsa-p256",
+        choices=["ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072"],
+        help="key type (default: ecdsa-p256)",
+    )
     keygen.add_argument("--pin-file", help="read the PIN from the first line of this file instead of the terminal")
     keygen.set_defaults(handler=command_keygen)
 

@@ -55,6 +55,10 @@ class TpmLockoutError(TpmError):
     """The TPM is in dictionary-attack lockout (TPM_RC_LOCKOUT)."""
 
 
+class UnsupportedByTpmError(TpmError):
+    """The TPM does not implement the requested key type or hash."""
+
+
 class TpmKeyLoadError(TpmError):
     """A key blob does not load on this TPM: another TPM, or a cleared one."""
 

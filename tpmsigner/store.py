@@ -22,7 +22,7 @@ from pathlib import Path
 from .errors import IdentityExistsError, IdentityNotFoundError, KeyFileError, KeyStoreError
 from .fsutil import ensure_private_dir, write_private_file
 from .keyfile import decode_key_file, encode_key_file
-from .protocol.sshkeys import SshPublicKey
+from .protocol.sshkeys import EcdsaPublicKey, SshPublicKey, public_key_from_blob
 from .tpm import TpmKeyBlob, public_key_of
 
 METADATA_VERSION = 1
@@ -41,6 +41,13 @@ def validate_label(label: str) -> str:
     return label
 
 
+def key_type_name(public_key: SshPublicKey) -> str:
+    """Return the name ``keygen --type`` uses for a key like ``public_key``."""
+    if isinstance(public_key, EcdsaPublicKey):
+        return "ecdsa-" + public_key.curve.ssh_name.replace("nist", "")
+    return f"rsa-{public_key.bits}"
+
+
 def default_home() -> Path:
     """Return ``$TPMSIGNER_HOME``, else ``$XDG_DATA_HOME/tpmsigner``."""
     if os.environ.get("TPMSIGNER_HOME"):
@@ -54,7 +61,7 @@ class Identity:
     """One TPM-held key and what the store records about it."""
 
     label: str
-    key_type: str
+    key_type: str         # "ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", ...
     public_key_blob: bytes
     fingerprint: str
     created: str          # ISO 8601, UTC
@@ -62,7 +69,7 @@ class Identity:
 
     @property
     def public_key(self) -> SshPublicKey:
-        return SshPublicKey.from_blob(self.public_key_blob)
+        return public_key_from_blob(self.public_key_blob)
 
     def openssh_line(self) -> str:
         """The public key as an ``authorized_keys`` line, with the label as comment."""
@@ -159,7 +166,7 @@ class KeyStore:
         public_key = public_key_of(blob)
         identity = Identity(
             label=label,
-            key_type=public_key.key_type,
+            key_type=key_type_name(public_key),
             public_key_blob=public_key.blob,
             fingerprint=public_key.fingerprint,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

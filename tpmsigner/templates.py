@@ -9,9 +9,11 @@ from __future__ import annotations
 from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPMA_OBJECT
 from tpm2_pytss.types import (
     TPMS_ECC_PARMS,
+    TPMS_RSA_PARMS,
     TPMT_ECC_SCHEME,
     TPMT_KDF_SCHEME,
     TPMT_PUBLIC,
+    TPMT_RSA_SCHEME,
     TPMT_SYM_DEF_OBJECT,
     TPMU_PUBLIC_PARMS,
     TPMU_SYM_KEY_BITS,
@@ -93,6 +95,29 @@ def ecc_signing_key_template(curve_id: int = TPM2_ECC.NIST_P256) -> TPMT_PUBLIC:
                 scheme=TPMT_ECC_SCHEME(scheme=TPM2_ALG.NULL),
                 curveID=curve_id,
                 kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL),
+            ),
+        ),
+    )
+
+
+def rsa_signing_key_template(bits: int) -> TPMT_PUBLIC:
+    """Return a template for an RSA signing key that needs its PIN.
+
+    Sign only, without DECRYPT: an RSA key that may also decrypt would let
+    anyone with the PIN use it as a decryption oracle.  The exponent 0 means
+    the TPM default, 65537 (TPM 2.0 Library Part 2, section 12.2.3.5).
+    """
+    return TPMT_PUBLIC(
+        type=TPM2_ALG.RSA,
+        nameAlg=TPM2_ALG.SHA256,
+        objectAttributes=SIGNING_KEY_REQUIRED,
+        authPolicy=b"",
+        parameters=TPMU_PUBLIC_PARMS(
+            rsaDetail=TPMS_RSA_PARMS(
+                symmetric=TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
+                scheme=TPMT_RSA_SCHEME(scheme=TPM2_ALG.NULL),
+                keyBits=bits,
+                exponent=0,
             ),
         ),
     )

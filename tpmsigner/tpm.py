@@ -41,6 +41,7 @@ from tpm2_pytss.types import (
     TPM2B_SENSITIVE_CREATE,
     TPML_PCR_SELECTION,
     TPMS_SCHEME_HASH,
+    TPMT_PUBLIC_PARMS,
     TPMT_SIG_SCHEME,
     TPMT_SYM_DEF,
     TPMT_TK_HASHCHECK,
@@ -49,13 +50,22 @@ from tpm2_pytss.types import (
     TPMU_SYM_MODE,
 )
 
-from .errors import TpmAuthError, TpmError, TpmKeyLoadError, TpmLockoutError, TpmUnavailableError
-from .protocol.sshkeys import NISTP256, NISTP384, EcdsaCurve, SshPublicKey
+from .errors import (
+    TpmAuthError,
+    TpmError,
+    TpmKeyLoadError,
+    TpmLockoutError,
+    TpmUnavailableError,
+    UnsupportedByTpmError,
+)
+from .keytypes import DEFAULT_KEY_TYPE, KEY_TYPES, KeyType
+from .protocol.sshkeys import NISTP256, NISTP384, EcdsaPublicKey, RsaPublicKey, SshPublicKey
 from .templates import (
     SIGNING_KEY_FORBIDDEN,
     SIGNING_KEY_REQUIRED,
     SRK_PERSISTENT_HANDLE,
     ecc_signing_key_template,
+    rsa_signing_key_template,
     srk_ecc_p256_template,
 )
 
@@ -69,7 +79,17 @@ PARENT_OWNER = 0x40000001
 
 _TPM_CURVE_IDS = {NISTP256.ssh_name: TPM2_ECC.NIST_P256, NISTP384.ssh_name: TPM2_ECC.NIST_P384}
 _CURVES_BY_TPM_ID = {TPM2_ECC.NIST_P256: NISTP256, TPM2_ECC.NIST_P384: NISTP384}
-_TPM_HASH_ALGS = {"sha256": TPM2_ALG.SHA256, "sha384": TPM2_ALG.SHA384}
+_TPM_HASH_ALGS = {
+    "sha1": TPM2_ALG.SHA1,
+    "sha256": TPM2_ALG.SHA256,
+    "sha384": TPM2_ALG.SHA384,
+    "sha512": TPM2_ALG.SHA512,
+}
+RSA_DEFAULT_EXPONENT = 65537
+
+# A TPM signature as the TPM returns it: (r, s) for ECDSA, the RSASSA
+# signature bytes for RSA.
+RawSignature = tuple[int, int] | bytes
 
 # TCTIs that talk to a TPM or emulator with no resource manager in between.
 _NO_RESOURCE_MANAGER_TCTIS = {"swtpm", "mssim"}
@@ -94,11 +114,9 @@ class TpmKeyBlob:
 
 
 def public_key_of(blob: TpmKeyBlob) -> SshPublicKey:
-    """Return the SSH public key of a wrapped ECC key, checking its attributes."""
+    """Return the SSH public key of a wrapped key, checking its attributes."""
     public, _ = TPM2B_PUBLIC.unmarshal(blob.public)
     area = public.publicArea
-    if area.type != TPM2_ALG.ECC:
-        raise TpmKeyLoadError(f"key type {area.type} is not supported; only ECDSA keys are")
 
     attributes = int(area.objectAttributes)
     if attributes & SIGNING_KEY_REQUIRED != SIGNING_KEY_REQUIRED or attributes & SIGNING_KEY_FORBIDDEN:
@@ -108,12 +126,38 @@ def public_key_of(blob: TpmKeyBlob) -> SshPublicKey:
             "and no decrypt, noDA or restricted)"
         )
 
-    curve = _CURVES_BY_TPM_ID.get(area.parameters.eccDetail.curveID)
-    if curve is None:
-        raise TpmKeyLoadError(f"ECC curve {area.parameters.eccDetail.curveID} is not supported")
-    x = int.from_bytes(bytes(area.unique.ecc.x.buffer), "big")
-    y = int.from_bytes(bytes(area.unique.ecc.y.buffer), "big")
-    return SshPublicKey(curve, x, y)
+    if area.type == TPM2_ALG.ECC:
+        curve = _CURVES_BY_TPM_ID.get(area.parameters.eccDetail.curveID)
+        if curve is None:
+            raise TpmKeyLoadError(f"ECC curve {area.parameters.eccDetail.curveID} is not supported")
+        x = int.from_bytes(bytes(area.unique.ecc.x.buffer), "big")
+        y = int.from_bytes(bytes(area.unique.ecc.y.buffer), "big")
+        return EcdsaPublicKey(curve, x, y)
+
+    if area.type == TPM2_ALG.RSA:
+        exponent = int(area.parameters.rsaDetail.exponent) or RSA_DEFAULT_EXPONENT
+        modulus = int.from_bytes(bytes(area.unique.rsa.buffer), "big")
+        return RsaPublicKey(modulus, exponent)
+
+    raise TpmKeyLoadError(f"key type {area.type} is not supported; only ECDSA and RSA keys are")
+
+
+def key_type_of(blob: TpmKeyBlob) -> KeyType | None:
+    """Return the KeyType of a wrapped key, or None for a size we do not create."""
+    public_key = public_key_of(blob)
+    for key_type in KEY_TYPES.values():
+        if isinstance(public_key, EcdsaPublicKey) and key_type.curve == public_key.curve:
+            return key_type
+        if isinstance(public_key, RsaPublicKey) and key_type.rsa_bits == public_key.bits:
+            return key_type
+    return None
+
+
+def _template_for(key_type: KeyType):
+    if key_type.curve is not None:
+        return ecc_signing_key_template(_TPM_CURVE_IDS[key_type.curve.ssh_name])
+    assert key_type.rsa_bits is not None
+    return rsa_signing_key_template(key_type.rsa_bits)
 
 
 def _response_code(exc: TSS2_Exception) -> int:
@@ -338,13 +382,39 @@ class Tpm:
 
     # ---- operations --------------------------------------------------------
 
-    def create_ecdsa_key(self, pin: bytes, curve: EcdsaCurve = NISTP256) -> TpmKeyBlob:
-        """Create an ECDSA signing key with ``pin`` as its authorisation value."""
+    def supported_key_types(self) -> list[KeyType]:
+        """Return the key types this TPM accepts, asked with TPM2_TestParms."""
+        with self._lock:
+            return [key_type for key_type in KEY_TYPES.values() if self._supports(key_type)]
+
+    def _supports(self, key_type: KeyType) -> bool:
+        template = _template_for(key_type)
+        parameters = TPMT_PUBLIC_PARMS(type=template.type, parameters=template.parameters)
+        try:
+            self._context().test_parms(parameters)
+        except TSS2_Exception as exc:
+            if _is_connection_error(exc):
+                raise self._translate(exc, "asking the TPM which key types it supports") from None
+            return False
+        return True
+
+    def create_key(self, pin: bytes, key_type: KeyType = DEFAULT_KEY_TYPE) -> TpmKeyBlob:
+        """Create a signing key of ``key_type`` with ``pin`` as its authorisation value.
+
+        Raise UnsupportedByTpmError, naming the types this TPM does support,
+        before anything is created if the TPM rejects the key's parameters.
+        """
         if not pin:
             raise ValueError("a key needs a non-empty PIN")
 
         with self._lock:
             try:
+                if not self._supports(key_type):
+                    supported = [other.name for other in KEY_TYPES.values() if self._supports(other)]
+                    raise UnsupportedByTpmError(
+                        f"this TPM does not support {key_type.name} keys; it supports: "
+                        f"{', '.join(supported) or 'none of the types tpmsigner creates'}"
+                    )
                 parent = self._default_parent()
                 parent_handle = self._parent(parent)
                 session = self._hmac_session(parent)
@@ -352,11 +422,10 @@ class Tpm:
 
                 sensitive = TPM2B_SENSITIVE_CREATE()
                 sensitive.sensitive.userAuth = pin
-                template = ecc_signing_key_template(_TPM_CURVE_IDS[curve.ssh_name])
                 private, public, _, _, _ = self._context().create(
                     parent_handle,
                     sensitive,
-                    TPM2B_PUBLIC(publicArea=template),
+                    TPM2B_PUBLIC(publicArea=_template_for(key_type)),
                     TPM2B_DATA(),
                     TPML_PCR_SELECTION(),
                     session1=session,
@@ -366,20 +435,49 @@ class Tpm:
 
         return TpmKeyBlob(public=bytes(public.marshal()), private=bytes(private.marshal()), parent=parent)
 
-    def sign_digest(self, blob: TpmKeyBlob, digest: bytes, pin: bytes) -> tuple[int, int]:
-        """Sign ``digest`` with a wrapped ECDSA key and return (r, s).
+    def _check_hash(self, hash_name: str) -> int:
+        """Return the TPM algorithm id of ``hash_name``; raise if the TPM lacks it."""
+        hash_alg = _TPM_HASH_ALGS[hash_name]
+        more = True
+        start = 0
+        implemented = set()
+        while more:
+            more, data = self._context().get_capability(TPM2_CAP.ALGS, start, 64)
+            algorithms = list(data.data.algorithms)
+            implemented.update(int(algorithm.alg) for algorithm in algorithms)
+            if not algorithms:
+                break
+            start = int(algorithms[-1].alg) + 1
+        if hash_alg not in implemented:
+            raise UnsupportedByTpmError(
+                f"this TPM does not implement {hash_name.upper()}, which the requested signature "
+                "algorithm needs; ask for another one (for RSA keys: rsa-sha2-256 or rsa-sha2-512)"
+            )
+        return hash_alg
 
-        The key is loaded, used once and flushed.  A wrong PIN raises
-        TpmAuthError and is never retried here, since every retry would
-        count toward the dictionary-attack lockout.
+    def sign_digest(self, blob: TpmKeyBlob, digest: bytes, pin: bytes, hash_name: str | None = None) -> RawSignature:
+        """Sign ``digest`` with a wrapped key and return the raw signature.
+
+        ``hash_name`` names the hash that produced ``digest``; it defaults to
+        the curve's hash for ECDSA keys and is required for RSA keys.  RSA
+        keys sign with RSASSA-PKCS1-v1_5 only, never with a raw private-key
+        operation, so the key cannot serve as a decryption oracle.  The key
+        is loaded, used once and flushed.  A wrong PIN raises TpmAuthError
+        and is never retried here, since every retry would count toward the
+        dictionary-attack lockout.
         """
         public_key = public_key_of(blob)
-        hash_alg = _TPM_HASH_ALGS[public_key.curve.hash_name]
+        if hash_name is None:
+            if not isinstance(public_key, EcdsaPublicKey):
+                raise ValueError("an RSA signature needs hash_name")
+            hash_name = public_key.curve.hash_name
         public, _ = TPM2B_PUBLIC.unmarshal(blob.public)
         private, _ = TPM2B_PRIVATE.unmarshal(blob.private)
+        scheme_alg = TPM2_ALG.ECDSA if isinstance(public_key, EcdsaPublicKey) else TPM2_ALG.RSASSA
 
         with self._lock:
             try:
+                hash_alg = self._check_hash(hash_name)
                 parent_handle = self._parent(blob.parent)
                 session = self._hmac_session(blob.parent)
                 self._set_session_attributes(session, encrypt_response=True)
@@ -398,10 +496,11 @@ class Tpm:
             try:
                 esapi.tr_set_auth(key_handle, pin)
                 self._set_session_attributes(session, encrypt_response=False)
-                scheme = TPMT_SIG_SCHEME(
-                    scheme=TPM2_ALG.ECDSA,
-                    details=TPMU_SIG_SCHEME(ecdsa=TPMS_SCHEME_HASH(hashAlg=hash_alg)),
-                )
+                if scheme_alg == TPM2_ALG.ECDSA:
+                    details = TPMU_SIG_SCHEME(ecdsa=TPMS_SCHEME_HASH(hashAlg=hash_alg))
+                else:
+                    details = TPMU_SIG_SCHEME(rsassa=TPMS_SCHEME_HASH(hashAlg=hash_alg))
+                scheme = TPMT_SIG_SCHEME(scheme=scheme_alg, details=details)
                 ticket = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
                 signature = esapi.sign(key_handle, TPM2B_DIGEST(digest), scheme, ticket, session1=session)
             except TSS2_Exception as exc:
@@ -409,6 +508,8 @@ class Tpm:
             finally:
                 self._flush_quietly(key_handle)
 
+        if scheme_alg == TPM2_ALG.RSASSA:
+            return bytes(signature.signature.rsassa.sig.buffer)
         r = int.from_bytes(bytes(signature.signature.ecdsa.signatureR.buffer), "big")
         s = int.from_bytes(bytes(signature.signature.ecdsa.signatureS.buffer), "big")
         return r, s

@@ -43,6 +43,7 @@ class FailureCode(enum.IntEnum):
     TPM_ERROR = 8
     INTERNAL_ERROR = 9
     BUSY = 10
+    UNSUPPORTED = 11
 
 
 @dataclass(frozen=True)

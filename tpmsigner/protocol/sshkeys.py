@@ -1,8 +1,8 @@
-"""SSH public keys and signatures in the wire formats of RFC 4253 and RFC 5656.
+"""SSH public keys and signatures in the wire formats of RFC 4253, RFC 5656 and RFC 8332.
 
-The TPM returns raw curve points and raw signature integers.  This module
-turns them into the blobs that OpenSSH reads, and verifies a signature
-against a public key before it is given to anyone.
+The TPM returns raw curve points, raw moduli and raw signature values.  This
+module turns them into the blobs that OpenSSH reads, and verifies a
+signature against a public key before it is given to anyone.
 """
 
 from __future__ import annotations
@@ -14,10 +14,17 @@ from dataclasses import dataclass
 from asyncssh.packet import MPInt, PacketDecodeError, SSHPacket, String
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from ..errors import ProtocolError
+
+# Signature flags of SSH_AGENTC_SIGN_REQUEST (draft-miller-ssh-agent
+# section 4.5.1); they only matter for RSA keys.
+SSH_AGENT_RSA_SHA2_256 = 2
+SSH_AGENT_RSA_SHA2_512 = 4
+
+RSA_KEY_TYPE = "ssh-rsa"
 
 
 @dataclass(frozen=True)
@@ -36,27 +43,29 @@ NISTP384 = EcdsaCurve("nistp384", "ecdsa-sha2-nistp384", 48, "sha384", ec.SECP38
 
 CURVES_BY_KEY_TYPE = {curve.key_type: curve for curve in (NISTP256, NISTP384)}
 
-_CRYPTO_HASHES = {"sha256": hashes.SHA256, "sha384": hashes.SHA384}
+_CRYPTO_HASHES = {"sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
 
 
 @dataclass(frozen=True)
-class SshPublicKey:
-    """An ECDSA public key: its SSH blob and the curve point inside it."""
+class SignatureScheme:
+    """The SSH signature algorithm name and the hash it signs."""
 
-    curve: EcdsaCurve
-    x: int
-    y: int
+    algorithm: str     # "ecdsa-sha2-nistp256", "rsa-sha2-512", ...
+    hash_name: str     # hashlib name: "sha256", "sha512", ...
 
-    @property
-    def key_type(self) -> str:
-        return self.curve.key_type
 
-    @property
-    def blob(self) -> bytes:
-        """The key in SSH wire form (RFC 5656 section 3.1)."""
-        size = self.curve.coordinate_size
-        point = b"\x04" + self.x.to_bytes(size, "big") + self.y.to_bytes(size, "big")
-        return String(self.curve.key_type) + String(self.curve.ssh_name) + String(point)
+# RSA signature algorithms of RFC 8332 section 3, and the original ssh-rsa.
+RSA_SHA2_256 = SignatureScheme("rsa-sha2-256", "sha256")
+RSA_SHA2_512 = SignatureScheme("rsa-sha2-512", "sha512")
+RSA_SHA1 = SignatureScheme("ssh-rsa", "sha1")
+_RSA_SCHEMES = {scheme.algorithm: scheme for scheme in (RSA_SHA2_256, RSA_SHA2_512, RSA_SHA1)}
+
+
+class _PublicKeyText:
+    """Text forms shared by every key class; each subclass provides ``blob``."""
+
+    blob: bytes
+    key_type: str
 
     @property
     def fingerprint(self) -> str:
@@ -64,16 +73,36 @@ class SshPublicKey:
         return fingerprint_of_blob(self.blob)
 
     def openssh_line(self, comment: str) -> str:
-        """The key as one line of an ``authorized_keys`` or ``.pub`` file."""
+        """Format the key as one line of an ``authorized_keys`` or ``.pub`` file."""
         encoded = base64.b64encode(self.blob).decode("ascii")
-        return f"{self.curve.key_type} {encoded} {comment}".rstrip()
+        return f"{self.key_type} {encoded} {comment}".rstrip()
+
+
+@dataclass(frozen=True)
+class EcdsaPublicKey(_PublicKeyText):
+    """An ECDSA public key: the curve and the point."""
+
+    curve: EcdsaCurve
+    x: int
+    y: int
+
+    @property
+    def key_type(self) -> str:  # type: ignore[override]
+        return self.curve.key_type
+
+    @property
+    def blob(self) -> bytes:  # type: ignore[override]
+        """The key in SSH wire form (RFC 5656 section 3.1)."""
+        size = self.curve.coordinate_size
+        point = b"\x04" + self.x.to_bytes(size, "big") + self.y.to_bytes(size, "big")
+        return String(self.curve.key_type) + String(self.curve.ssh_name) + String(point)
 
     def to_cryptography(self) -> ec.EllipticCurvePublicKey:
         numbers = ec.EllipticCurvePublicNumbers(self.x, self.y, self.curve.crypto_curve())
         return numbers.public_key()
 
     @classmethod
-    def from_blob(cls, blob: bytes) -> "SshPublicKey":
+    def from_blob(cls, blob: bytes) -> "EcdsaPublicKey":
         """Parse an SSH ECDSA key blob; raise ProtocolError on anything else."""
         try:
             packet = SSHPacket(blob)
@@ -101,18 +130,86 @@ class SshPublicKey:
         return key
 
 
+@dataclass(frozen=True)
+class RsaPublicKey(_PublicKeyText):
+    """An RSA public key: modulus and public exponent."""
+
+    n: int
+    e: int
+
+    key_type = RSA_KEY_TYPE
+
+    @property
+    def bits(self) -> int:
+        return self.n.bit_length()
+
+    @property
+    def blob(self) -> bytes:  # type: ignore[override]
+        """The key in SSH wire form (RFC 4253 section 6.6): e before n."""
+        return String(RSA_KEY_TYPE) + MPInt(self.e) + MPInt(self.n)
+
+    def to_cryptography(self) -> rsa.RSAPublicKey:
+        return rsa.RSAPublicNumbers(self.e, self.n).public_key()
+
+    @classmethod
+    def from_blob(cls, blob: bytes) -> "RsaPublicKey":
+        try:
+            packet = SSHPacket(blob)
+            key_type = packet.get_string().decode("ascii")
+            if key_type != RSA_KEY_TYPE:
+                raise ProtocolError(f"unsupported SSH key type {key_type!r}")
+            e = packet.get_mpint()
+            n = packet.get_mpint()
+            packet.check_end()
+        except (PacketDecodeError, UnicodeDecodeError) as exc:
+            raise ProtocolError(f"malformed SSH public key blob: {exc}") from None
+        if e < 3 or e % 2 == 0 or n < 2**1023:
+            raise ProtocolError("RSA public key has an invalid exponent or a modulus under 1024 bits")
+        return cls(n, e)
+
+
+SshPublicKey = EcdsaPublicKey | RsaPublicKey
+
+
+def public_key_from_blob(blob: bytes) -> SshPublicKey:
+    """Parse an ECDSA or RSA SSH key blob; raise ProtocolError for anything else."""
+    try:
+        key_type = SSHPacket(blob).get_string()
+    except PacketDecodeError as exc:
+        raise ProtocolError(f"malformed SSH public key blob: {exc}") from None
+    if key_type == RSA_KEY_TYPE.encode():
+        return RsaPublicKey.from_blob(blob)
+    return EcdsaPublicKey.from_blob(blob)
+
+
 def fingerprint_of_blob(blob: bytes) -> str:
     """Return the OpenSSH SHA256 fingerprint of a public key blob."""
     digest = hashlib.sha256(blob).digest()
     return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
 
 
-def digest_for_signing(key: SshPublicKey, data: bytes) -> bytes:
-    """Hash ``data`` with the hash that RFC 5656 section 6.2.1 ties to the curve."""
-    return hashlib.new(key.curve.hash_name, data).digest()
+def signature_scheme(key: SshPublicKey, flags: int = 0) -> SignatureScheme:
+    """Choose the signature algorithm for ``key`` and the agent request's flags.
+
+    ECDSA keys have one algorithm each and ignore the flags.  For RSA,
+    SSH_AGENT_RSA_SHA2_256 wins over SSH_AGENT_RSA_SHA2_512 when both are
+    set, as in OpenSSH's ssh-agent, and no flag means the SHA-1 ``ssh-rsa``.
+    """
+    if isinstance(key, EcdsaPublicKey):
+        return SignatureScheme(key.key_type, key.curve.hash_name)
+    if flags & SSH_AGENT_RSA_SHA2_256:
+        return RSA_SHA2_256
+    if flags & SSH_AGENT_RSA_SHA2_512:
+        return RSA_SHA2_512
+    return RSA_SHA1
 
 
-def encode_ecdsa_signature(key: SshPublicKey, r: int, s: int) -> bytes:
+def digest_for_signing(key: SshPublicKey, data: bytes, flags: int = 0) -> bytes:
+    """Hash ``data`` with the hash of the scheme that ``key`` and ``flags`` select."""
+    return hashlib.new(signature_scheme(key, flags).hash_name, data).digest()
+
+
+def encode_ecdsa_signature(key: EcdsaPublicKey, r: int, s: int) -> bytes:
     """Build an SSH ECDSA signature blob (RFC 5656 section 3.1.2).
 
     r and s go in as mpints, which ``MPInt`` encodes minimally: the TPM
@@ -122,7 +219,26 @@ def encode_ecdsa_signature(key: SshPublicKey, r: int, s: int) -> bytes:
     return String(key.key_type) + String(MPInt(r) + MPInt(s))
 
 
-def verify_ecdsa_signature(key: SshPublicKey, data: bytes, signature_blob: bytes) -> bool:
+def encode_rsa_signature(key: RsaPublicKey, scheme: SignatureScheme, signature: bytes) -> bytes:
+    """Build an SSH RSA signature blob (RFC 8332 section 3).
+
+    The signature is left-padded to the modulus length, which RFC 8332
+    requires and some servers check.
+    """
+    size = (key.bits + 7) // 8
+    if len(signature) > size:
+        raise ValueError(f"RSA signature of {len(signature)} bytes is longer than the {size}-byte modulus")
+    return String(scheme.algorithm) + String(signature.rjust(size, b"\0"))
+
+
+def verify_signature(key: SshPublicKey, data: bytes, signature_blob: bytes) -> bool:
+    """Check an SSH signature blob over ``data`` against ``key``."""
+    if isinstance(key, EcdsaPublicKey):
+        return verify_ecdsa_signature(key, data, signature_blob)
+    return verify_rsa_signature(key, data, signature_blob)
+
+
+def verify_ecdsa_signature(key: EcdsaPublicKey, data: bytes, signature_blob: bytes) -> bool:
     """Check an SSH ECDSA signature blob over ``data`` against ``key``."""
     try:
         packet = SSHPacket(signature_blob)
@@ -141,6 +257,26 @@ def verify_ecdsa_signature(key: SshPublicKey, data: bytes, signature_blob: bytes
     hash_class = _CRYPTO_HASHES[key.curve.hash_name]
     try:
         key.to_cryptography().verify(encode_dss_signature(r, s), data, ec.ECDSA(hash_class()))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def verify_rsa_signature(key: RsaPublicKey, data: bytes, signature_blob: bytes) -> bool:
+    """Check an SSH RSA signature blob (any of the three algorithms) over ``data``."""
+    try:
+        packet = SSHPacket(signature_blob)
+        algorithm = packet.get_string().decode("ascii")
+        signature = packet.get_string()
+        packet.check_end()
+    except (PacketDecodeError, UnicodeDecodeError):
+        return False
+
+    scheme = _RSA_SCHEMES.get(algorithm)
+    if scheme is None:
+        return False
+    try:
+        key.to_cryptography().verify(signature, data, padding.PKCS1v15(), _CRYPTO_HASHES[scheme.hash_name]())
     except InvalidSignature:
         return False
     return True

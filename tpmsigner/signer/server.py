@@ -16,6 +16,7 @@ from ..errors import (
     TpmError,
     TpmKeyLoadError,
     TpmLockoutError,
+    UnsupportedByTpmError,
 )
 from ..protocol import channel
 from ..protocol.messages import (
@@ -277,7 +278,7 @@ class _AgentSession:
         worker = self.server.worker
         try:
             signature = await worker.call(
-                sign_data, worker.tpm, self.server.store, identity, request.data, pin.encode("utf-8")
+                sign_data, worker.tpm, self.server.store, identity, request.data, pin.encode("utf-8"), request.flags
             )
         except TpmAuthError:
             logger.warning(
@@ -292,6 +293,9 @@ class _AgentSession:
         except TpmKeyLoadError as exc:
             logger.error("request %d: key %r: %s", request_id, identity.label, exc)
             return Failure(request_id, FailureCode.TPM_ERROR, "the key does not load on the signer's TPM")
+        except UnsupportedByTpmError as exc:
+            logger.error("request %d: key %r: %s", request_id, identity.label, exc)
+            return Failure(request_id, FailureCode.UNSUPPORTED, str(exc))
         except (TpmError, KeyStoreError) as exc:
             logger.error("request %d: %s", request_id, exc)
             return Failure(request_id, FailureCode.TPM_ERROR, "the signer's TPM failed; see the signer's log")
