@@ -31,7 +31,7 @@ def command_id(args: argparse.Namespace) -> int:
 
 
 def command_trust(args: argparse.Namespace) -> int:
-    signer = _home(args).trust(args.name, args.address, args.key)
+    signer = _home(args).trust(args.name, args.address, args.key, replace=args.replace)
     print(
         f"trusting signer {signer.name!r} at {signer.address} with key {public_key_fingerprint(signer.public_key)}",
         file=sys.stderr,
@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     trust.add_argument("name", help="a name for the signer")
     trust.add_argument("address", help="HOST:PORT the signer listens on")
     trust.add_argument("key", help="the signer's key, as 'tpmsigner id' prints it")
+    trust.add_argument("--replace", action="store_true", help="replace the key of an already pinned signer NAME")
     trust.set_defaults(handler=command_trust)
 
     run = commands.add_parser("run", help="serve the ssh-agent protocol on a UNIX socket")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tpmsigner.errors import ConfigError
 from tpmsigner.fsutil import ensure_private_dir, write_private_file
-from tpmsigner.protocol.channel import StaticKey, format_public_key, parse_public_key
+from tpmsigner.protocol.channel import StaticKey, format_public_key, parse_public_key, public_key_fingerprint
 
 SIGNERS_VERSION = 1
 NOISE_KEY_FILE = "noise-static-key.pem"
@@ -77,8 +77,12 @@ class AgentHome:
             raise ConfigError(f"cannot read the trusted signers file {path}: {exc}") from None
         return signers
 
-    def trust(self, name: str, address: str, key_text: str) -> PinnedSigner:
-        """Pin a signer under ``name``, replacing an earlier entry of that name."""
+    def trust(self, name: str, address: str, key_text: str, replace: bool = False) -> PinnedSigner:
+        """Pin a signer under ``name``.
+
+        An earlier entry of that name with another key is replaced only when
+        ``replace`` is true; a new address for the same key is always taken.
+        """
         if not NAME_PATTERN.fullmatch(name):
             raise ConfigError(
                 f"invalid signer name {name!r}: use 1 to 64 letters, digits or . _ @ + -, "
@@ -86,7 +90,14 @@ class AgentHome:
             )
         host, port = parse_address(address)
         signer = PinnedSigner(name, host, port, parse_public_key(key_text))
-        entries = {s.name: {"address": s.address, "key": format_public_key(s.public_key)} for s in self.signers()}
+        existing = {pinned.name: pinned for pinned in self.signers()}
+        previous = existing.get(name)
+        if previous is not None and previous.public_key != signer.public_key and not replace:
+            raise ConfigError(
+                f"signer {name!r} is already pinned with key {public_key_fingerprint(previous.public_key)}; "
+                "to replace that key, run the command again with --replace"
+            )
+        entries = {s.name: {"address": s.address, "key": format_public_key(s.public_key)} for s in existing.values()}
         entries[name] = {"address": signer.address, "key": format_public_key(signer.public_key)}
         ensure_private_dir(self.path)
         text = json.dumps({"version": SIGNERS_VERSION, "signers": entries}, indent=2, sort_keys=True) + "\n"

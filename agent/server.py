@@ -121,6 +121,7 @@ class AgentServer:
     async def _list_identities(self) -> bytes:
         results = await asyncio.gather(*(client.list_identities() for client in self.clients), return_exceptions=True)
         identities: list[tuple[bytes, str]] = []
+        seen: set[bytes] = set()
         failures = 0
         for client, result in zip(self.clients, results):
             if isinstance(result, BaseException):
@@ -128,6 +129,11 @@ class AgentServer:
                 logger.warning("listing keys of signer %r failed: %s", client.signer.name, result)
                 continue
             for blob, label in result:
+                # A key offered by two pinned signers (or one signer pinned
+                # twice) is listed once, so ssh tries it, and prompts, once.
+                if blob in seen:
+                    continue
+                seen.add(blob)
                 self._key_owner[blob] = client
                 identities.append((blob, label))
 

@@ -108,7 +108,8 @@ class SignerClient:
             except (OSError, asyncio.TimeoutError) as exc:
                 reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else exc.strerror or str(exc)
                 raise SignerUnavailableError(
-                    f"cannot connect to signer {self.signer.name!r} at {address}: {reason}"
+                    f"cannot connect to signer {self.signer.name!r} at {address}: {reason}; "
+                    "check that 'tpmsigner serve' runs there and listens on that address"
                 ) from None
             try:
                 secure = await channel.initiate(reader, writer, self.static_key, self.signer.public_key)
@@ -122,9 +123,11 @@ class SignerClient:
             return secure
 
     async def _read_replies(self, secure: channel.NoiseChannel) -> None:
+        received_any = False
         try:
             while True:
                 payload = await secure.receive()
+                received_any = True
                 try:
                     message = decode_message(payload)
                 except ProtocolError as exc:
@@ -134,11 +137,19 @@ class SignerClient:
                 if future is not None and not future.done():
                     future.set_result(message)
         except ChannelError as exc:
-            logger.info("connection to signer %r closed: %s", self.signer.name, exc)
+            reason = str(exc)
+            if not received_any:
+                # The signer closes the connection right after the handshake
+                # when it does not allow this agent's key.
+                reason += (
+                    " before replying to anything; if the signer does not allow this agent, run "
+                    "'tpmsigner allow NAME KEY' there with the key that 'tpmsigner-agent id' prints"
+                )
+            logger.warning("connection to signer %r closed: %s", self.signer.name, reason)
             if self._secure is secure:
                 self._secure = None
                 await secure.close()
-            self._fail_waiting(str(exc))
+            self._fail_waiting(reason)
 
     async def _disconnect(self, reason: str) -> None:
         secure, self._secure = self._secure, None

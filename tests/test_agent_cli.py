@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+from tpmsigner.protocol.channel import format_public_key
 from tests.support import pid_is_running, wait_until
 from tests.support.chain import AGENT_COMMAND, Chain
 
@@ -111,3 +112,46 @@ def test_trust_rejects_bad_arguments(chain: Chain, args: tuple[str, ...], messag
     assert result.returncode == 1
     assert message in result.stderr
     assert not (chain.agent_home / "signers.json").exists()
+
+
+def test_trust_keeps_pinned_key_without_replace(chain: Chain) -> None:
+    first = format_public_key(b"\x01" * 32)
+    second = format_public_key(b"\x02" * 32)
+    chain.tpmsigner_agent("trust", "home", "127.0.0.1:7810", first)
+
+    refused = chain.tpmsigner_agent("trust", "home", "127.0.0.1:7810", second, check=False)
+    assert refused.returncode == 1
+    assert "already pinned" in refused.stderr
+    assert "--replace" in refused.stderr
+    assert first in (chain.agent_home / "signers.json").read_text()
+
+    chain.tpmsigner_agent("trust", "home", "127.0.0.1:7810", second, "--replace")
+    assert second in (chain.agent_home / "signers.json").read_text()
+    assert first not in (chain.agent_home / "signers.json").read_text()
+
+
+def test_allow_keeps_device_key_without_replace(chain: Chain) -> None:
+    first = format_public_key(b"\x01" * 32)
+    second = format_public_key(b"\x02" * 32)
+    chain.tpmsigner("allow", "laptop", first)
+
+    refused = chain.tpmsigner("allow", "laptop", second, check=False)
+    assert refused.returncode == 1
+    assert "already allowed" in refused.stderr
+    assert first in (chain.signer_home / "devices.json").read_text()
+
+    chain.tpmsigner("allow", "laptop", second, "--replace")
+    assert second in (chain.signer_home / "devices.json").read_text()
+
+
+def test_key_from_two_signers_is_listed_once(chain: Chain) -> None:
+    public_line = chain.keygen("work", PIN)
+    chain.pair()
+    signer_key = chain.tpmsigner("id").stdout.strip()
+    chain.tpmsigner_agent("trust", "same-signer-again", f"127.0.0.1:{chain.signer_port}", signer_key)
+    chain.start_signer()
+    chain.start_agent()
+
+    listed = chain.ssh_add("-L").stdout.splitlines()
+
+    assert listed == [public_line]

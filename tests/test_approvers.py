@@ -74,12 +74,26 @@ def test_hanging_approver_is_killed_and_refuses(chain: Chain) -> None:
     wait_until(lambda: not pid_is_running(approver_pid), 5, "the timed-out approver to be killed")
 
 
-def test_missing_approver_refuses_without_tpm(chain: Chain, swtpm) -> None:
+def test_missing_approver_stops_serve_at_start(chain: Chain) -> None:
+    chain.keygen("work", PIN)
+    missing = chain.workdir / "no-such-program"
+
+    result = chain.tpmsigner(
+        "serve", "--listen", f"127.0.0.1:{chain.signer_port}", "--approver", f"command:{missing}", check=False
+    )
+
+    assert result.returncode == 1
+    assert f"approver program {str(missing)!r} was not found or is not executable" in result.stderr
+
+
+def test_vanished_approver_refuses_without_tpm(chain: Chain, swtpm) -> None:
     public_line = chain.keygen("work", PIN)
     chain.pair()
-    counter_before = lockout_counter(swtpm.tcti)
-    chain.start_signer(approver=f"command:{chain.workdir / 'no-such-program'}")
+    approver = write_approver(chain, "vanishing", f"print({PIN!r})\n")
+    chain.start_signer(approver=f"command:{approver}")
     chain.start_agent()
+    os.unlink(approver)
+    counter_before = lockout_counter(swtpm.tcti)
 
     signing = sign_with_ssh_keygen(chain, public_line)
     _, stderr = signing.communicate(timeout=30)
@@ -117,25 +131,16 @@ def test_approver_exit_status_overrides_printed_pin(chain: Chain) -> None:
 
     assert signing.returncode != 0
     assert chain.signer is not None
-    assert "approver exited with status 3: refused" in chain.signer.log_text()
+    assert "approver exited with status 3: denied" in chain.signer.log_text()
 
 
-def test_tty_approver_without_terminal_refuses_fast(chain: Chain, swtpm) -> None:
-    public_line = chain.keygen("work", PIN)
-    chain.pair()
-    counter_before = lockout_counter(swtpm.tcti)
-    chain.start_signer(approver="tty")
-    chain.start_agent()
+def test_tty_approver_without_terminal_stops_serve(chain: Chain) -> None:
+    # chain.tpmsigner runs without a controlling terminal, as under systemd.
+    result = chain.tpmsigner("serve", "--listen", f"127.0.0.1:{chain.signer_port}", "--approver", "tty", check=False)
 
-    started = time.monotonic()
-    signing = sign_with_ssh_keygen(chain, public_line)
-    signing.communicate(timeout=30)
-
-    assert signing.returncode != 0
-    assert time.monotonic() - started < 5
-    assert chain.signer is not None
-    assert "no terminal to ask on" in chain.signer.log_text()
-    assert lockout_counter(swtpm.tcti) == counter_before
+    assert result.returncode == 1
+    assert "the tty approver needs a terminal" in result.stderr
+    assert "--approver command:PROGRAM" in result.stderr
 
 
 def read_terminal_until(master: int, marker: bytes, timeout: float) -> bytes:
@@ -178,3 +183,44 @@ def test_tty_approver_prompts_and_hides_pin(chain: Chain) -> None:
     assert "purpose:     sshsig:file" in text
     assert "ssh-keygen" in text
     assert PIN not in text
+
+
+def test_approver_grandchild_cannot_outlast_timeout(chain: Chain) -> None:
+    public_line = chain.keygen("work", PIN)
+    chain.pair()
+    pid_file = chain.workdir / "grandchild.pid"
+    # The approver starts a helper that keeps stdout open, as a desktop
+    # notifier might, and then hangs itself.
+    approver = write_approver(
+        chain,
+        "spawns-helper",
+        "import subprocess, time\n"
+        f"helper = subprocess.Popen(['sleep', '100'])\nopen({str(pid_file)!r}, 'w').write(str(helper.pid))\n"
+        "time.sleep(100)\n",
+    )
+    chain.start_signer(approver=f"command:{approver}", approval_timeout=1.0)
+    chain.start_agent()
+
+    started = time.monotonic()
+    signing = sign_with_ssh_keygen(chain, public_line)
+    signing.communicate(timeout=60)
+
+    assert signing.returncode != 0
+    assert time.monotonic() - started < 10
+    helper_pid = int(pid_file.read_text())
+    wait_until(lambda: not pid_is_running(helper_pid), 5, "the approver's helper to be killed")
+
+
+def test_approver_huge_output_uses_first_line(chain: Chain) -> None:
+    public_line = chain.keygen("work", PIN)
+    chain.pair()
+    approver = write_approver(
+        chain, "chatty", f"import sys\nprint({PIN!r})\nsys.stdout.write('x' * 10_000_000)\n"
+    )
+    chain.start_signer(approver=f"command:{approver}")
+    chain.start_agent()
+
+    signing = sign_with_ssh_keygen(chain, public_line)
+    _, stderr = signing.communicate(timeout=60)
+
+    assert signing.returncode == 0, stderr

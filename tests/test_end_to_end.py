@@ -132,8 +132,8 @@ def test_wrong_pin_fails_login_without_retry(chain: Chain, sshd_factory) -> None
     assert len(chain.approver_requests()) == 1
     assert chain.signer is not None
     signer_log = chain.signer.log_text()
-    assert "wrong PIN for key 'work'" in signer_log
-    assert "dictionary-attack lockout" in signer_log
+    assert "key 'work': signing failed: wrong PIN" in signer_log
+    assert "tries left before the TPM locks out" in signer_log
     assert "not-the-pin" not in signer_log
     assert PIN not in signer_log
 

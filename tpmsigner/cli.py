@@ -109,7 +109,7 @@ def command_allow(args: argparse.Namespace) -> int:
 
     home = resolve_home(args.home)
     ensure_private_dir(home)
-    device = DeviceRegistry(home / DEVICES_FILE).allow(args.name, parse_public_key(args.key))
+    device = DeviceRegistry(home / DEVICES_FILE).allow(args.name, parse_public_key(args.key), replace=args.replace)
     print(f"allowed device {device.name!r} with key {public_key_fingerprint(device.public_key)}", file=sys.stderr)
     return 0
 
@@ -122,7 +122,7 @@ def _parse_listen(value: str) -> tuple[str, int]:
 
 
 def command_serve(args: argparse.Namespace) -> int:
-    from .signer.approvers import approver_from_spec
+    from .signer.approvers import approver_from_spec, check_approver
     from .signer.devices import DeviceRegistry
     from .signer.server import SignerConfig, SignerServer
     from .signer.worker import TpmWorker
@@ -134,10 +134,16 @@ def command_serve(args: argparse.Namespace) -> int:
     if args.approval_timeout <= 0:
         raise ConfigError("--approval-timeout must be a positive number of seconds")
     approver = approver_from_spec(args.approver, timeout=args.approval_timeout)
+    check_approver(approver)
     static_key = _static_key(home)
     # serve owns the TPM while it runs, so on an emulator without a resource
     # manager it may flush what a killed earlier run left loaded.
-    worker = TpmWorker(Tpm(resolve_tcti(args.tcti), flush_stale_handles=True))
+    tpm = Tpm(resolve_tcti(args.tcti), flush_stale_handles=True)
+    # Fail now, not at the first request, if the TPM cannot be reached.
+    lockout = tpm.lockout_status()
+    if lockout.in_lockout:
+        logger.warning("the TPM is in dictionary-attack lockout; requests are rejected until it ends")
+    worker = TpmWorker(tpm)
     server = SignerServer(
         store=KeyStore(home),
         worker=worker,
@@ -197,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     allow = commands.add_parser("allow", help="trust an agent's Noise public key under a device name")
     allow.add_argument("name", help="device name shown in approval prompts")
     allow.add_argument("key", help="the agent's key, as 'tpmsigner-agent id' prints it")
+    allow.add_argument("--replace", action="store_true", help="replace the key of an already allowed device NAME")
     allow.set_defaults(handler=command_allow)
 
     serve = commands.add_parser("serve", help="serve agents over Noise, asking for approval per signature")

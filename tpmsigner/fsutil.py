@@ -57,6 +57,11 @@ def write_private_file(path: Path, data: bytes) -> None:
             pass
         raise
 
+    fsync_directory(directory)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Flush a directory's entries, so renames and unlinks in it survive a crash."""
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)

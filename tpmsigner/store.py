@@ -20,9 +20,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import IdentityExistsError, IdentityNotFoundError, KeyFileError, KeyStoreError
-from .fsutil import ensure_private_dir, write_private_file
+from .fsutil import ensure_private_dir, fsync_directory, write_private_file
 from .keyfile import decode_key_file, encode_key_file
-from .protocol.sshkeys import EcdsaPublicKey, SshPublicKey, public_key_from_blob
+from .protocol.sshkeys import EcdsaPublicKey, SshPublicKey, fingerprint_of_blob, public_key_from_blob
 from .tpm import TpmKeyBlob, public_key_of
 
 METADATA_VERSION = 1
@@ -48,6 +48,10 @@ def key_type_name(public_key: SshPublicKey) -> str:
     return f"rsa-{public_key.bits}"
 
 
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def default_home() -> Path:
     """Return ``$TPMSIGNER_HOME``, else ``$XDG_DATA_HOME/tpmsigner``."""
     if os.environ.get("TPMSIGNER_HOME"):
@@ -66,6 +70,8 @@ class Identity:
     fingerprint: str
     created: str          # ISO 8601, UTC
     enabled: bool = True
+    last_used: str | None = None    # ISO 8601, UTC, of the last signature
+    description: str | None = None  # from an imported key file, if it had one
 
     @property
     def public_key(self) -> SshPublicKey:
@@ -87,16 +93,46 @@ class Identity:
             raise KeyFileError(f"{source}: not a version {METADATA_VERSION} metadata record")
         try:
             identity = cls(
-                label=str(record["label"]),
-                key_type=str(record["key_type"]),
-                public_key_blob=base64.b64decode(record["public_key_blob"], validate=True),
-                fingerprint=str(record["fingerprint"]),
-                created=str(record["created"]),
-                enabled=bool(record["enabled"]),
+                label=_field(record, "label", str),
+                key_type=_field(record, "key_type", str),
+                public_key_blob=base64.b64decode(_field(record, "public_key_blob", str), validate=True),
+                fingerprint=_field(record, "fingerprint", str),
+                created=_field(record, "created", str),
+                enabled=_field(record, "enabled", bool),
+                last_used=_field(record, "last_used", str, optional=True),
+                description=_field(record, "description", str, optional=True),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise KeyFileError(f"{source}: missing or invalid field: {exc}") from None
+
+        if fingerprint_of_blob(identity.public_key_blob) != identity.fingerprint:
+            raise KeyFileError(f"{source}: the fingerprint does not match the public key")
         return identity
+
+    def to_display(self) -> dict[str, object]:
+        """Return the fields ``show --json`` and ``list --json`` print."""
+        return {
+            "label": self.label,
+            "key_type": self.key_type,
+            "public_key": self.openssh_line(),
+            "fingerprint": self.fingerprint,
+            "created": self.created,
+            "enabled": self.enabled,
+            "last_used": self.last_used,
+            "description": self.description,
+        }
+
+
+def _field(record: dict, name: str, kind: type, optional: bool = False):
+    """Return ``record[name]`` if it has type ``kind`` (or is absent and optional)."""
+    if name not in record or record[name] is None:
+        if optional:
+            return None
+        raise KeyError(name)
+    value = record[name]
+    if not isinstance(value, kind):
+        raise TypeError(f"{name} must be {kind.__name__}, not {type(value).__name__}")
+    return value
 
 
 class KeyStore:
@@ -156,7 +192,7 @@ class KeyStore:
         if metadata_path.exists() or key_path.exists():
             raise IdentityExistsError(f"an identity labelled {label!r} already exists in {self.keys_dir}")
 
-    def add(self, label: str, blob: TpmKeyBlob) -> Identity:
+    def add(self, label: str, blob: TpmKeyBlob, description: str | None = None) -> Identity:
         """Store a new identity; the key file is written before its metadata."""
         key_path, _ = self._paths(label)
         ensure_private_dir(self.home)
@@ -169,7 +205,8 @@ class KeyStore:
             key_type=key_type_name(public_key),
             public_key_blob=public_key.blob,
             fingerprint=public_key.fingerprint,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            created=utc_now(),
+            description=description,
         )
         write_private_file(key_path, encode_key_file(blob))
         self._write_metadata(identity)
@@ -179,6 +216,51 @@ class KeyStore:
         identity = replace(self.get(label), enabled=enabled)
         self._write_metadata(identity)
         return identity
+
+    def record_use(self, identity: Identity) -> Identity:
+        """Set ``last_used`` to now, keeping every other field as stored."""
+        updated = replace(self.get(identity.label), last_used=utc_now())
+        self._write_metadata(updated)
+        return updated
+
+    def replace_key(self, identity: Identity, blob: TpmKeyBlob) -> None:
+        """Replace the key file of ``identity`` with a blob of the same public key.
+
+        Used after a PIN change: TPM2_ObjectChangeAuth returns a new private
+        part for the same key.
+        """
+        if public_key_of(blob).blob != identity.public_key_blob:
+            raise KeyFileError(f"the new key file of {identity.label!r} has another public key; not written")
+        key_path, _ = self._paths(identity.label)
+        write_private_file(key_path, encode_key_file(blob))
+
+    def rename(self, label: str, new_label: str, *, enabled: bool | None = None) -> Identity:
+        """Move identity ``label`` to ``new_label``; both files go, or neither.
+
+        The new pair is written first and the old pair removed after, so a
+        crash in between leaves two copies rather than none.
+        """
+        identity = self.get(label)
+        blob = self.key_blob(identity)
+        self.ensure_label_free(new_label)
+        renamed = replace(identity, label=new_label, enabled=identity.enabled if enabled is None else enabled)
+        new_key_path, _ = self._paths(new_label)
+        write_private_file(new_key_path, encode_key_file(blob))
+        self._write_metadata(renamed)
+        self.delete(label)
+        return renamed
+
+    def delete(self, label: str) -> None:
+        """Remove both files of identity ``label``; metadata first, so it stops being listed."""
+        key_path, metadata_path = self._paths(label)
+        if not metadata_path.exists() and not key_path.exists():
+            raise IdentityNotFoundError(f"no identity labelled {label!r} in {self.keys_dir}")
+        for path in (metadata_path, key_path):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        fsync_directory(self.keys_dir)
 
     def _write_metadata(self, identity: Identity) -> None:
         _, metadata_path = self._paths(identity.label)

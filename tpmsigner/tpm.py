@@ -175,6 +175,48 @@ def _is_connection_error(exc: TSS2_Exception) -> bool:
     return bool(rc & _TSS_LAYER_MASK) and (rc & _TSS_BASE_MASK) in _CONNECTION_BASE_CODES
 
 
+# TPM 2.0 Library Part 2, section 6.13 (TPM_PT): fixed and variable properties.
+PT_MANUFACTURER = 0x105
+PT_VENDOR_STRING = (0x106, 0x107, 0x108, 0x109)
+PT_FIRMWARE_VERSION_1 = 0x10B
+PT_FIRMWARE_VERSION_2 = 0x10C
+PT_PERMANENT = 0x200
+PT_LOCKOUT_COUNTER = 0x20E
+PT_MAX_AUTH_FAIL = 0x20F
+PT_LOCKOUT_INTERVAL = 0x210
+PT_LOCKOUT_RECOVERY = 0x211
+PERMANENT_IN_LOCKOUT = 0x200     # TPMA_PERMANENT.inLockout
+
+
+@dataclass(frozen=True)
+class LockoutStatus:
+    """The TPM's dictionary-attack state (TPM 2.0 Library Part 1, section 19.8)."""
+
+    failed_tries: int       # TPM_PT_LOCKOUT_COUNTER
+    max_tries: int          # TPM_PT_MAX_AUTH_FAIL
+    interval: int           # seconds for one failed try to be forgotten
+    recovery: int           # seconds before lockoutAuth may be tried again
+    in_lockout: bool
+
+    @property
+    def tries_left(self) -> int:
+        return max(self.max_tries - self.failed_tries, 0)
+
+
+@dataclass(frozen=True)
+class TpmInfo:
+    """What ``tpmsigner status`` shows about the TPM itself."""
+
+    manufacturer: str
+    vendor: str
+    firmware_version: str
+    lockout: LockoutStatus
+
+
+def _ascii_property(value: int) -> str:
+    return value.to_bytes(4, "big").rstrip(b"\0").decode("ascii", errors="replace").strip()
+
+
 class Tpm:
     """A TPM reached through one TCTI, with a lazily opened ESAPI context.
 
@@ -280,13 +322,9 @@ class Tpm:
             self._reset()
 
         if code == TPM2_RC.AUTH_FAIL:
-            return TpmAuthError(f"{what} failed: wrong PIN", rc=int(exc.rc))
+            return TpmAuthError(f"{what} failed: wrong PIN{self._tries_left_text()}", rc=int(exc.rc))
         if code == TPM2_RC.LOCKOUT:
-            return TpmLockoutError(
-                f"{what} failed: the TPM is in dictionary-attack lockout after too many "
-                "wrong PINs; wait for the lockout interval to pass before trying again",
-                rc=int(exc.rc),
-            )
+            return self._lockout_error(what, rc=int(exc.rc))
         if code == TPM2_RC.OBJECT_MEMORY:
             return TpmError(
                 f"{what} failed: the TPM is out of object memory; another program may be "
@@ -294,6 +332,64 @@ class Tpm:
                 rc=int(exc.rc),
             )
         return TpmError(f"{what} failed: {exc}", rc=int(exc.rc))
+
+    def _tries_left_text(self) -> str:
+        try:
+            status = self._lockout_status()
+        except (TSS2_Exception, TpmError):
+            return ""
+        return f"; {status.tries_left} of {status.max_tries} tries left before the TPM locks out"
+
+    def _lockout_error(self, what: str, rc: int | None = None) -> TpmLockoutError:
+        try:
+            interval = self._lockout_status().interval
+            wait = f"the next try is allowed within {interval} s"
+        except (TSS2_Exception, TpmError):
+            wait = "wait for the lockout interval to pass"
+        return TpmLockoutError(
+            f"{what} failed: the TPM is in dictionary-attack lockout after too many wrong PINs; "
+            f"{wait}, or an administrator can reset it with tpm2_dictionarylockout --clear-lockout",
+            rc=rc,
+        )
+
+    def _properties(self, first: int, count: int) -> dict[int, int]:
+        _, data = self._context().get_capability(TPM2_CAP.TPM_PROPERTIES, first, count)
+        return {int(item.property): int(item.value) for item in data.data.tpmProperties}
+
+    def _lockout_status(self) -> LockoutStatus:
+        values = self._properties(PT_PERMANENT, PT_LOCKOUT_RECOVERY - PT_PERMANENT + 1)
+        return LockoutStatus(
+            failed_tries=values.get(PT_LOCKOUT_COUNTER, 0),
+            max_tries=values.get(PT_MAX_AUTH_FAIL, 0),
+            interval=values.get(PT_LOCKOUT_INTERVAL, 0),
+            recovery=values.get(PT_LOCKOUT_RECOVERY, 0),
+            in_lockout=bool(values.get(PT_PERMANENT, 0) & PERMANENT_IN_LOCKOUT),
+        )
+
+    def lockout_status(self) -> LockoutStatus:
+        """Return the dictionary-attack counter and settings."""
+        with self._lock:
+            try:
+                return self._lockout_status()
+            except TSS2_Exception as exc:
+                raise self._translate(exc, "reading the lockout state") from None
+
+    def info(self) -> TpmInfo:
+        """Return the manufacturer, firmware version and lockout state."""
+        with self._lock:
+            try:
+                fixed = self._properties(PT_MANUFACTURER, PT_FIRMWARE_VERSION_2 - PT_MANUFACTURER + 1)
+                lockout = self._lockout_status()
+            except TSS2_Exception as exc:
+                raise self._translate(exc, "reading TPM properties") from None
+        version_1 = fixed.get(PT_FIRMWARE_VERSION_1, 0)
+        version_2 = fixed.get(PT_FIRMWARE_VERSION_2, 0)
+        return TpmInfo(
+            manufacturer=_ascii_property(fixed.get(PT_MANUFACTURER, 0)),
+            vendor="".join(_ascii_property(fixed.get(prop, 0)) for prop in PT_VENDOR_STRING),
+            firmware_version=f"{version_1 >> 16}.{version_1 & 0xFFFF}.{version_2 >> 16}.{version_2 & 0xFFFF}",
+            lockout=lockout,
+        )
 
     def _drop_session(self) -> None:
         session, self._session = self._session, None
@@ -471,26 +567,15 @@ class Tpm:
             if not isinstance(public_key, EcdsaPublicKey):
                 raise ValueError("an RSA signature needs hash_name")
             hash_name = public_key.curve.hash_name
-        public, _ = TPM2B_PUBLIC.unmarshal(blob.public)
-        private, _ = TPM2B_PRIVATE.unmarshal(blob.private)
         scheme_alg = TPM2_ALG.ECDSA if isinstance(public_key, EcdsaPublicKey) else TPM2_ALG.RSASSA
 
         with self._lock:
             try:
                 hash_alg = self._check_hash(hash_name)
-                parent_handle = self._parent(blob.parent)
-                session = self._hmac_session(blob.parent)
-                self._set_session_attributes(session, encrypt_response=True)
-                key_handle = self._context().load(parent_handle, private, public, session1=session)
+                self._refuse_during_lockout("signing")
             except TSS2_Exception as exc:
-                error = self._translate(exc, "loading the key")
-                if type(error) is TpmError:
-                    raise TpmKeyLoadError(
-                        "the key does not load on this TPM: the key file was made on another "
-                        f"TPM, or this TPM was cleared since ({exc}). The key cannot be used here",
-                        rc=error.rc,
-                    ) from None
-                raise error from None
+                raise self._translate(exc, "signing") from None
+            key_handle, session = self._load(blob)
 
             esapi = self._context()
             try:
@@ -513,6 +598,69 @@ class Tpm:
         r = int.from_bytes(bytes(signature.signature.ecdsa.signatureR.buffer), "big")
         s = int.from_bytes(bytes(signature.signature.ecdsa.signatureS.buffer), "big")
         return r, s
+
+    def _refuse_during_lockout(self, what: str) -> None:
+        # A PIN sent during lockout is rejected without being checked, so it
+        # is not sent at all.
+        if self._lockout_status().in_lockout:
+            raise self._lockout_error(what)
+
+    def _load(self, blob: TpmKeyBlob) -> tuple[ESYS_TR, ESYS_TR]:
+        """Load a wrapped key under its parent; return (key handle, session)."""
+        public, _ = TPM2B_PUBLIC.unmarshal(blob.public)
+        private, _ = TPM2B_PRIVATE.unmarshal(blob.private)
+        try:
+            parent_handle = self._parent(blob.parent)
+            session = self._hmac_session(blob.parent)
+            self._set_session_attributes(session, encrypt_response=True)
+            key_handle = self._context().load(parent_handle, private, public, session1=session)
+        except TSS2_Exception as exc:
+            error = self._translate(exc, "loading the key")
+            if type(error) is TpmError:
+                raise TpmKeyLoadError(
+                    "the key does not load on this TPM: the key file was made on another "
+                    f"TPM, or this TPM was cleared since ({exc}). The key cannot be used here",
+                    rc=error.rc,
+                ) from None
+            raise error from None
+        return key_handle, session
+
+    def check_loads(self, blob: TpmKeyBlob) -> None:
+        """Load and flush a wrapped key, to prove it belongs to this TPM; needs no PIN."""
+        public_key_of(blob)
+        with self._lock:
+            key_handle, _ = self._load(blob)
+            self._flush_quietly(key_handle)
+
+    def change_pin(self, blob: TpmKeyBlob, old_pin: bytes, new_pin: bytes) -> TpmKeyBlob:
+        """Change a key's PIN with TPM2_ObjectChangeAuth and return the new blob.
+
+        The TPM returns a new private part, wrapped by the same parent; the
+        old blob keeps working with the old PIN until it is deleted, so the
+        caller must replace the stored file.  The new PIN travels as the
+        first command parameter, encrypted by the session.
+        """
+        if not new_pin:
+            raise ValueError("the new PIN is empty; every key needs a PIN")
+        public_key_of(blob)
+        with self._lock:
+            try:
+                self._refuse_during_lockout("changing the PIN")
+            except TSS2_Exception as exc:
+                raise self._translate(exc, "changing the PIN") from None
+            key_handle, session = self._load(blob)
+            esapi = self._context()
+            try:
+                esapi.tr_set_auth(key_handle, old_pin)
+                self._set_session_attributes(session, encrypt_response=True)
+                new_private = esapi.object_change_auth(
+                    key_handle, self._parent(blob.parent), new_pin, session1=session
+                )
+            except TSS2_Exception as exc:
+                raise self._translate(exc, "changing the PIN") from None
+            finally:
+                self._flush_quietly(key_handle)
+        return TpmKeyBlob(public=blob.public, private=bytes(new_private.marshal()), parent=blob.parent)
 
     def _flush_quietly(self, handle: ESYS_TR) -> None:
         if self._esapi is None:

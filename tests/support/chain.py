@@ -133,6 +133,7 @@ class Chain:
             timeout=timeout,
             check=check,
             stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
 
     def tpmsigner_agent(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -144,6 +145,7 @@ class Chain:
             timeout=30.0,
             check=check,
             stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
 
     def keygen(self, label: str, pin: str) -> str:

@@ -14,6 +14,8 @@ import logging
 import os
 import select
 import shlex
+import shutil
+import signal
 import termios
 import threading
 import time
@@ -26,6 +28,8 @@ from ..protocol.messages import ProcessInfo
 logger = logging.getLogger(__name__)
 
 MAX_PIN_OUTPUT = 4096
+# After the approver exits, how long its stdout may take to reach EOF.
+OUTPUT_GRACE_PERIOD = 0.5
 DEFAULT_APPROVAL_TIMEOUT = 60.0
 
 
@@ -75,6 +79,13 @@ class Approver(Protocol):
     async def request_pin(self, request: ApprovalRequest) -> str | None: ...
 
 
+def check_approver(approver: Approver) -> None:
+    """Raise ConfigError if ``approver`` cannot possibly work, before serving starts."""
+    check = getattr(approver, "check", None)
+    if check is not None:
+        check()
+
+
 class CallableApprover:
     """Wraps a library caller's function (plain or async) as an approver."""
 
@@ -103,36 +114,71 @@ class CommandApprover:
         self.argv = argv
         self.timeout = timeout
 
+    def check(self) -> None:
+        program = self.argv[0]
+        resolved = shutil.which(program)
+        if resolved is None:
+            raise ConfigError(
+                f"approver program {program!r} was not found or is not executable; "
+                "give a path to an executable file, as command:/path/to/program"
+            )
+
     async def request_pin(self, request: ApprovalRequest) -> str | None:
         environment = dict(os.environ)
         environment.update(request.environment())
         try:
+            # A session of its own, so that on timeout the whole process
+            # group goes, including helpers the approver started.
             process = await asyncio.create_subprocess_exec(
                 *self.argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 env=environment,
+                start_new_session=True,
             )
         except OSError as exc:
             logger.error("request %d: cannot run approver %r: %s", request.request_id, self.argv[0], exc)
             return None
 
+        assert process.stdout is not None
+        output = bytearray()
+        reader = asyncio.create_task(_read_bounded(process.stdout, output))
         try:
-            output, _ = await asyncio.wait_for(process.communicate(), self.timeout)
+            await asyncio.wait_for(process.wait(), self.timeout)
+            # The decision is the exit status.  A child the approver left
+            # behind may keep stdout open, so wait only briefly for the rest.
+            await asyncio.wait({reader}, timeout=OUTPUT_GRACE_PERIOD)
         except (asyncio.TimeoutError, asyncio.CancelledError):
-            process.kill()
+            _kill_group(process.pid)
             await process.wait()
             raise
+        finally:
+            reader.cancel()
+            _kill_group(process.pid)
 
         if process.returncode != 0:
-            logger.info("request %d: approver exited with status %d: refused", request.request_id, process.returncode)
+            logger.info("request %d: approver exited with status %d: denied", request.request_id, process.returncode)
             return None
-        first_line = output[:MAX_PIN_OUTPUT].split(b"\n", 1)[0].rstrip(b"\r")
+        first_line = bytes(output).split(b"\n", 1)[0].rstrip(b"\r")
         try:
             return first_line.decode("utf-8")
         except UnicodeDecodeError:
-            logger.error("request %d: approver printed a PIN that is not UTF-8: refused", request.request_id)
+            logger.error("request %d: approver printed a PIN that is not UTF-8: denied", request.request_id)
             return None
+
+
+async def _read_bounded(stream: asyncio.StreamReader, output: bytearray) -> None:
+    """Append up to MAX_PIN_OUTPUT bytes of ``stream`` to ``output``, discarding the rest."""
+    while chunk := await stream.read(4096):
+        if len(output) < MAX_PIN_OUTPUT:
+            output += chunk[: MAX_PIN_OUTPUT - len(output)]
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 class TtyApprover:
@@ -143,9 +189,21 @@ class TtyApprover:
         self.timeout = timeout
         self._turn = asyncio.Lock()
 
+    def check(self) -> None:
+        try:
+            fd = os.open(self.tty_path, os.O_RDWR | os.O_NOCTTY)
+        except OSError as exc:
+            raise ConfigError(
+                f"the tty approver needs a terminal, but {self.tty_path} cannot be opened "
+                f"({exc.strerror}); run serve in a terminal, or use --approver command:PROGRAM"
+            ) from None
+        os.close(fd)
+
     async def request_pin(self, request: ApprovalRequest) -> str | None:
         async with self._turn:
-            deadline = time.monotonic() + self.timeout
+            # The server's own timeout normally ends the wait first; this
+            # deadline only stops the reading thread if it outlives the server.
+            deadline = time.monotonic() + self.timeout + 1.0
             cancelled = threading.Event()
             try:
                 return await asyncio.to_thread(self._prompt, request, deadline, cancelled)
@@ -165,7 +223,10 @@ class TtyApprover:
                 f"PIN for {request.key_label} (empty line refuses): "
             ).encode("utf-8"))
             pin = _read_line_without_echo(fd, deadline, cancelled)
-            os.write(fd, b"\n")
+            if cancelled.is_set():
+                os.write(fd, f"\nrequest #{request.request_id} expired or was withdrawn; nothing was signed\n".encode())
+            else:
+                os.write(fd, b"\n")
         finally:
             os.close(fd)
 

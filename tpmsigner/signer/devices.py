@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..fsutil import ensure_private_dir, write_private_file
-from ..protocol.channel import format_public_key, parse_public_key
+from ..protocol.channel import format_public_key, parse_public_key, public_key_fingerprint
 
 DEVICES_VERSION = 1
 DEVICE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
@@ -54,8 +54,12 @@ class DeviceRegistry:
                 return device
         return None
 
-    def allow(self, name: str, public_key: bytes) -> Device:
-        """Trust ``public_key`` as ``name``, replacing an earlier key of that name."""
+    def allow(self, name: str, public_key: bytes, replace: bool = False) -> Device:
+        """Trust ``public_key`` as ``name``.
+
+        Another key already allowed under ``name`` is replaced only when
+        ``replace`` is true, so a mistyped name cannot silently unpair a device.
+        """
         if not DEVICE_NAME_PATTERN.fullmatch(name):
             raise ConfigError(
                 f"invalid device name {name!r}: use 1 to 64 letters, digits or . _ @ + -, "
@@ -65,6 +69,12 @@ class DeviceRegistry:
         for other_name, other_key in devices.items():
             if other_key == public_key and other_name != name:
                 raise ConfigError(f"that key is already allowed as device {other_name!r}")
+        previous = devices.get(name)
+        if previous is not None and previous != public_key and not replace:
+            raise ConfigError(
+                f"device {name!r} is already allowed with key {public_key_fingerprint(previous)}; "
+                "to replace that key, run the command again with --replace"
+            )
         devices[name] = public_key
         self._save(devices)
         return Device(name, public_key)

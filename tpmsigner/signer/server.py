@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -75,6 +76,12 @@ class SignerServer:
         self.config = config
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        # Request numbers for logs and prompts, unique in this signer run;
+        # agents' own request ids repeat across devices and connections.
+        self._serials = itertools.count(1)
+
+    def next_serial(self) -> int:
+        return next(self._serials)
 
     @property
     def port(self) -> int:
@@ -215,90 +222,116 @@ class _AgentSession:
 
     async def _sign(self, request: SignRequest) -> Message:
         request_id = request.request_id
+        serial = self.server.next_serial()
+        device = self.device.name
         try:
             identity = self.server.store.find_by_public_key(request.key_blob)
         except IdentityNotFoundError:
-            logger.warning("device %r asked to sign with a key this signer does not hold", self.device.name)
+            logger.warning("request #%d from device %r names a key this signer does not hold", serial, device)
             return Failure(request_id, FailureCode.UNKNOWN_KEY, "no such key on this signer")
         except KeyStoreError as exc:
-            logger.error("request %d: reading the key store failed: %s", request_id, exc)
+            logger.error("request #%d: reading the key store failed: %s", serial, exc)
             return Failure(request_id, FailureCode.INTERNAL_ERROR, "the signer cannot read its key store")
 
         if not identity.enabled:
-            logger.warning("device %r asked to sign with disabled key %r: rejected", self.device.name, identity.label)
+            logger.warning("request #%d from device %r names disabled key %r: rejected", serial, device, identity.label)
             return Failure(request_id, FailureCode.KEY_DISABLED, f"key {identity.label!r} is disabled")
+
+        # Nobody is asked for a PIN that the TPM would not check: during a
+        # lockout it rejects every PIN, and an unreachable TPM signs nothing.
+        refusal = await self._check_tpm_ready(request_id, serial)
+        if refusal is not None:
+            return refusal
 
         # The signer reads the purpose from the data itself rather than
         # trusting the agent, so a compromised agent cannot disguise a request.
         info = describe_signed_data(request.data, request.key_blob)
         approval = ApprovalRequest(
-            request_id=request_id,
+            request_id=serial,
             key_label=identity.label,
             key_fingerprint=identity.fingerprint,
-            device=self.device.name,
+            device=device,
             process=request.process,
             purpose=info.purpose,
             destination=info.destination,
         )
         logger.info(
-            "request %d from device %r (%s): sign with %r %s for %s %s: asking for approval",
-            request_id,
-            self.device.name,
+            "request #%d from device %r (%s): sign with %r %s for %s%s: asking for approval",
+            serial,
+            device,
             approval.process.describe(),
             identity.label,
             identity.fingerprint,
             info.purpose,
-            info.destination or "-",
+            f" to {info.destination}" if info.destination else "",
         )
 
         pin = await self._ask(approval)
         if isinstance(pin, Failure):
-            return pin
-        return await self._sign_in_tpm(request, identity, pin)
+            return Failure(request_id, pin.code, pin.message)
+        return await self._sign_in_tpm(request, serial, identity, pin)
+
+    async def _check_tpm_ready(self, request_id: int, serial: int) -> Failure | None:
+        worker = self.server.worker
+        try:
+            status = await worker.call(worker.tpm.lockout_status)
+        except TpmError as exc:
+            logger.error("request #%d: %s", serial, exc)
+            return Failure(request_id, FailureCode.TPM_ERROR, "the signer cannot reach its TPM")
+        if status.in_lockout:
+            logger.error(
+                "request #%d: the TPM is in dictionary-attack lockout; not asking for a PIN. The next try "
+                "is allowed within %d s, or clear it with tpm2_dictionarylockout --clear-lockout",
+                serial,
+                status.interval,
+            )
+            return Failure(request_id, FailureCode.LOCKED_OUT, "the signer's TPM is in dictionary-attack lockout")
+        return None
 
     async def _ask(self, approval: ApprovalRequest) -> str | Failure:
+        """Return the PIN, or a Failure (its request id is the serial, for the caller to replace)."""
         request_id = approval.request_id
         timeout = self.server.config.approval_timeout
         try:
             pin = await asyncio.wait_for(self.server.approver.request_pin(approval), timeout)
         except asyncio.TimeoutError:
-            logger.info("request %d: no approval within %g s: denied", request_id, timeout)
+            logger.info("request #%d: no approval within %g s: denied", request_id, timeout)
             return Failure(request_id, FailureCode.TIMED_OUT, f"no approval within {timeout:g} s")
         except Exception:  # noqa: BLE001 - an approver bug must refuse, not crash the signer
-            logger.exception("request %d: the approver failed: denied", request_id)
+            logger.exception("request #%d: the approver failed: denied", request_id)
             return Failure(request_id, FailureCode.DENIED, "the approver failed")
 
         if not pin:
-            logger.info("request %d: denied by the approver", request_id)
+            logger.info("request #%d: denied by the approver", request_id)
             return Failure(request_id, FailureCode.DENIED, "refused on the signer")
         return pin
 
-    async def _sign_in_tpm(self, request: SignRequest, identity: Identity, pin: str) -> Message:
+    async def _sign_in_tpm(self, request: SignRequest, serial: int, identity: Identity, pin: str) -> Message:
         request_id = request.request_id
         worker = self.server.worker
         try:
             signature = await worker.call(
                 sign_data, worker.tpm, self.server.store, identity, request.data, pin.encode("utf-8"), request.flags
             )
-        except TpmAuthError:
-            logger.warning(
-                "request %d: wrong PIN for key %r; it counts toward the TPM's dictionary-attack lockout",
-                request_id,
-                identity.label,
-            )
+        except TpmAuthError as exc:
+            logger.warning("request #%d: key %r: %s", serial, identity.label, exc)
             return Failure(request_id, FailureCode.WRONG_PIN, "wrong PIN")
         except TpmLockoutError as exc:
-            logger.error("request %d: %s", request_id, exc)
+            logger.error("request #%d: %s", serial, exc)
             return Failure(request_id, FailureCode.LOCKED_OUT, "the TPM is in dictionary-attack lockout")
         except TpmKeyLoadError as exc:
-            logger.error("request %d: key %r: %s", request_id, identity.label, exc)
+            logger.error("request #%d: key %r: %s", serial, identity.label, exc)
             return Failure(request_id, FailureCode.TPM_ERROR, "the key does not load on the signer's TPM")
         except UnsupportedByTpmError as exc:
-            logger.error("request %d: key %r: %s", request_id, identity.label, exc)
+            logger.error("request #%d: key %r: %s", serial, identity.label, exc)
             return Failure(request_id, FailureCode.UNSUPPORTED, str(exc))
         except (TpmError, KeyStoreError) as exc:
-            logger.error("request %d: %s", request_id, exc)
+            logger.error("request #%d: %s", serial, exc)
             return Failure(request_id, FailureCode.TPM_ERROR, "the signer's TPM failed; see the signer's log")
 
-        logger.info("request %d: signed with %r", request_id, identity.label)
+        logger.info("request #%d: signed with %r", serial, identity.label)
+        try:
+            self.server.store.record_use(identity)
+        except (KeyStoreError, OSError) as exc:
+            logger.warning("request #%d: could not record the last use of %r: %s", serial, identity.label, exc)
         return SignReply(request_id, signature)
