@@ -63,6 +63,10 @@ class TpmKeyLoadError(TpmError):
     """A key blob does not load on this TPM: another TPM, or a cleared one."""
 
 
+class TpmBindingError(TpmError):
+    """The TPM's storage key is not the one recorded when the keys were made."""
+
+
 class ProtocolError(TpmSignerError):
     """A peer sent a message that does not follow the wire format."""
 

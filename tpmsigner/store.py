@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import IdentityExistsError, IdentityNotFoundError, KeyFileError, KeyStoreError
+from .errors import IdentityExistsError, IdentityNotFoundError, KeyFileError, KeyStoreError, TpmBindingError
 from .fsutil import ensure_private_dir, fsync_directory, write_private_file
 from .keyfile import decode_key_file, encode_key_file
 from .protocol.sshkeys import EcdsaPublicKey, SshPublicKey, fingerprint_of_blob, public_key_from_blob
@@ -276,3 +276,53 @@ class KeyStore:
         if path.name != identity.label + METADATA_SUFFIX:
             raise KeyFileError(f"{path}: label {identity.label!r} does not match the file name")
         return identity
+
+
+class TpmBinding:
+    """The TPM names of the storage parents, recorded at first use (``HOME/tpm.json``).
+
+    The salted session encrypts its salt to the storage key, and every key
+    file is wrapped by it.  A different name on a later start means another
+    TPM, a cleared TPM, or something between this host and the TPM that
+    answers in its place, so the signer must not send it anything secret.
+    """
+
+    def __init__(self, home: Path) -> None:
+        self.path = Path(home) / "tpm.json"
+
+    def _load(self) -> dict[str, str]:
+        if not self.path.exists():
+            return {}
+        try:
+            record = json.loads(self.path.read_text(encoding="utf-8"))
+            parents = record["parents"]
+            if record.get("version") != 1 or not isinstance(parents, dict):
+                raise ValueError("unsupported format")
+            return {str(handle): str(name) for handle, name in parents.items()}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise KeyStoreError(f"cannot read the TPM binding file {self.path}: {exc}") from None
+
+    def recorded(self) -> dict[str, str]:
+        """Return the recorded parent names, by handle as ``0x%08x``."""
+        return self._load()
+
+    def check(self, parent: int, name: bytes) -> None:
+        """Record ``name`` for ``parent`` on first use, or raise TpmBindingError if it changed."""
+        handle = f"0x{parent:08x}"
+        parents = self._load()
+        recorded = parents.get(handle)
+        if recorded is None:
+            parents[handle] = name.hex()
+            ensure_private_dir(self.path.parent)
+            text = json.dumps({"version": 1, "parents": parents}, indent=2, sort_keys=True) + "\n"
+            write_private_file(self.path, text.encode("utf-8"))
+            return
+        if recorded != name.hex():
+            raise TpmBindingError(
+                f"the TPM's storage key {handle} has name {name.hex()[:24]}..., not the "
+                f"{recorded[:24]}... recorded in {self.path} when these identities were made. "
+                "This is another TPM, the TPM was cleared, or something between this host and "
+                "the TPM is answering in its place; refusing to use it. If the TPM was "
+                "deliberately replaced or cleared, the old keys are lost: move this home away "
+                "and create new keys"
+            )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 from tpm2_pytss import ESAPI, TSS2_Exception
 from tpm2_pytss.constants import (
@@ -225,9 +226,22 @@ class Tpm:
     restarting the program.
     """
 
-    def __init__(self, tcti: str = DEFAULT_TCTI, *, flush_stale_handles: bool = False) -> None:
+    def __init__(
+        self,
+        tcti: str = DEFAULT_TCTI,
+        *,
+        flush_stale_handles: bool = False,
+        parent_check: Callable[[int, bytes], None] | None = None,
+    ) -> None:
+        """Prepare a TPM at ``tcti``; nothing is sent until the first call.
+
+        ``parent_check(parent_handle, name)`` is called with the TPM name of
+        each storage parent when it is first loaded, and may raise to refuse
+        a parent whose name is not the recorded one (see ``store.TpmBinding``).
+        """
         self.tcti = tcti
         self.flush_stale_handles = flush_stale_handles
+        self.parent_check = parent_check
         self._lock = threading.Lock()
         self._esapi: ESAPI | None = None
         self._parents: dict[int, ESYS_TR] = {}
@@ -434,6 +448,15 @@ class Tpm:
         else:
             raise TpmKeyLoadError(f"key parent handle 0x{parent:08x} is not supported")
 
+        if self.parent_check is not None:
+            try:
+                self.parent_check(parent, bytes(esapi.tr_get_name(handle)))
+            except BaseException:
+                if parent == PARENT_OWNER:
+                    self._flush_quietly(handle)
+                    self._flush_parents.discard(parent)
+                raise
+
         self._parents[parent] = handle
         return handle
 
@@ -624,6 +647,15 @@ class Tpm:
                 ) from None
             raise error from None
         return key_handle, session
+
+    def check_parents(self, parents: list[int]) -> None:
+        """Load each storage parent, so that ``parent_check`` compares its name now."""
+        with self._lock:
+            for parent in parents or [self._default_parent()]:
+                try:
+                    self._parent(parent)
+                except TSS2_Exception as exc:
+                    raise self._translate(exc, f"loading the storage key 0x{parent:08x}") from None
 
     def check_loads(self, blob: TpmKeyBlob) -> None:
         """Load and flush a wrapped key, to prove it belongs to this TPM; needs no PIN."""

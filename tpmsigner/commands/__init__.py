@@ -1,0 +1,1 @@
+"""Handlers of the ``tpmsigner`` subcommands, one module per concern."""

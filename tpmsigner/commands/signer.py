@@ -1,0 +1,117 @@
+"""id, allow and serve: the signer's Noise identity, its devices, and the server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..fsutil import ensure_private_dir
+from ..protocol.channel import StaticKey, format_public_key, parse_public_key, public_key_fingerprint
+from ..signer.approvers import DEFAULT_APPROVAL_TIMEOUT, approver_from_spec, check_approver
+from ..signer.devices import DeviceRegistry
+from ..signer.server import SignerConfig, SignerServer
+from ..signer.worker import TpmWorker
+from ..store import TpmBinding
+from .common import key_store, open_tpm, resolve_home
+
+logger = logging.getLogger("tpmsigner")
+
+NOISE_KEY_FILE = "noise-static-key.pem"
+DEVICES_FILE = "devices.json"
+
+
+def _static_key(home: Path) -> StaticKey:
+    ensure_private_dir(home)
+    return StaticKey.load_or_create(home / NOISE_KEY_FILE)
+
+
+def command_id(args: argparse.Namespace) -> int:
+    print(format_public_key(_static_key(resolve_home(args.home)).public))
+    return 0
+
+
+def command_allow(args: argparse.Namespace) -> int:
+    home = resolve_home(args.home)
+    ensure_private_dir(home)
+    device = DeviceRegistry(home / DEVICES_FILE).allow(args.name, parse_public_key(args.key), replace=args.replace)
+    print(f"allowed device {device.name!r} with key {public_key_fingerprint(device.public_key)}", file=sys.stderr)
+    return 0
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, separator, port = value.rpartition(":")
+    if not separator or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"invalid --listen {value!r}: use HOST:PORT with a port from 0 to 65535, e.g. 127.0.0.1:7810")
+    return host.strip("[]"), int(port)
+
+
+def command_serve(args: argparse.Namespace) -> int:
+    home = resolve_home(args.home)
+    host, port = parse_listen(args.listen)
+    if args.approval_timeout <= 0:
+        raise ConfigError("--approval-timeout must be a positive number of seconds")
+    approver = approver_from_spec(args.approver, timeout=args.approval_timeout)
+    check_approver(approver)
+    static_key = _static_key(home)
+
+    # serve owns the TPM while it runs, so on an emulator without a resource
+    # manager it may flush what a killed earlier run left loaded.
+    tpm = open_tpm(args, flush_stale_handles=True)
+    # Fail now, not at the first request, if the TPM cannot be reached or
+    # its storage key is not the one recorded for this home.
+    tpm.check_parents([int(handle, 16) for handle in TpmBinding(home).recorded()])
+    if tpm.lockout_status().in_lockout:
+        logger.warning("the TPM is in dictionary-attack lockout; requests are rejected until it ends")
+    worker = TpmWorker(tpm)
+    server = SignerServer(
+        store=key_store(args),
+        worker=worker,
+        static_key=static_key,
+        devices=DeviceRegistry(home / DEVICES_FILE),
+        approver=approver,
+        config=SignerConfig(host=host, port=port, approval_timeout=args.approval_timeout),
+    )
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signal_number in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signal_number, stop.set)
+        await server.start()
+        try:
+            await stop.wait()
+        finally:
+            await server.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        worker.close()
+    return 0
+
+
+def add_parsers(commands) -> None:
+    id_parser = commands.add_parser("id", help="print this signer's Noise public key")
+    id_parser.set_defaults(handler=command_id)
+
+    allow = commands.add_parser("allow", help="trust an agent's Noise public key under a device name")
+    allow.add_argument("name", help="device name shown in approval prompts")
+    allow.add_argument("key", help="the agent's key, as 'tpmsigner-agent id' prints it")
+    allow.add_argument("--replace", action="store_true", help="replace the key of an already allowed device NAME")
+    allow.set_defaults(handler=command_allow)
+
+    serve = commands.add_parser("serve", help="serve agents over Noise, asking for approval per signature")
+    serve.add_argument("--listen", required=True, help="HOST:PORT to listen on, e.g. 127.0.0.1:7810")
+    serve.add_argument("--approver", required=True, help="'tty' or 'command:PROGRAM'")
+    serve.add_argument(
+        "--approval-timeout",
+        type=float,
+        default=DEFAULT_APPROVAL_TIMEOUT,
+        help=f"seconds to wait for an approval before refusing (default: {DEFAULT_APPROVAL_TIMEOUT:g})",
+    )
+    serve.set_defaults(handler=command_serve)
