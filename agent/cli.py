@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     except TpmSignerError as exc:
         print(f"tpmsigner-agent: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"tpmsigner-agent: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -73,7 +73,13 @@ class AgentServer:
     ) -> None:
         while True:
             try:
-                header = await reader.readexactly(4)
+                # Waiting for the next message has no limit; once its first
+                # byte arrives, the rest must follow in time.
+                first = await reader.readexactly(1)
+                header = first + await asyncio.wait_for(reader.readexactly(3), MESSAGE_BODY_TIMEOUT)
+            except asyncio.TimeoutError:
+                logger.warning("client sent part of a message header, then stalled; closing")
+                return
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
             (length,) = struct.unpack(">I", header)
@@ -88,12 +94,16 @@ class AgentServer:
             try:
                 message = await asyncio.wait_for(reader.readexactly(length), MESSAGE_BODY_TIMEOUT)
             except asyncio.TimeoutError:
-                logger.warning("client sent %d of a %d-byte message, then stalled; closing", 4, length)
+                logger.warning("client started a %d-byte message but did not finish it; closing", length)
                 return
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
 
-            reply = await self._handle(message, credentials)
+            try:
+                reply = await self._handle(message, credentials)
+            except Exception:  # noqa: BLE001 - a bug must cost one request, not the connection
+                logger.exception("handling a message of type %d failed with an unexpected error", message[0])
+                reply = wire.FAILURE
             if not await self._write(writer, reply):
                 return
 

@@ -48,7 +48,7 @@ class SignerClient:
         self.static_key = static_key
         self._secure: channel.NoiseChannel | None = None
         self._reader_task: asyncio.Task[None] | None = None
-        self._connect_lock = asyncio.Lock()
+        self._connecting: asyncio.Future[channel.NoiseChannel] | None = None
         self._waiting: dict[int, asyncio.Future[Message]] = {}
         self._request_ids = itertools.count(1)
 
@@ -67,6 +67,8 @@ class SignerClient:
         raise self._unexpected(reply)
 
     async def close(self) -> None:
+        if self._connecting is not None and not self._connecting.done():
+            self._connecting.cancel()
         if self._reader_task is not None:
             self._reader_task.cancel()
         if self._secure is not None:
@@ -79,17 +81,33 @@ class SignerClient:
         return SignerError(f"unexpected reply {type(reply).__name__} from signer {self.signer.name!r}")
 
     async def _request(self, build, timeout: float) -> Message:
-        secure = await self._connect()
+        """Send one request and wait for its reply, all within ``timeout`` seconds.
+
+        Connecting, sending (which blocks while the signer does not read)
+        and waiting all count toward the same timeout.
+        """
+        try:
+            return await asyncio.wait_for(self._exchange(build), timeout)
+        except asyncio.TimeoutError:
+            raise SignerUnavailableError(f"signer {self.signer.name!r} did not answer within {timeout:g} s") from None
+
+    async def _exchange(self, build) -> Message:
         request_id = next(self._request_ids) & 0xFFFFFFFF
+        payload = encode_message(build(request_id))
+        if len(payload) > channel.MAX_PAYLOAD:
+            # NOTE: one request travels in one Noise message until the
+            # protocol splits large payloads.
+            raise SignerError(
+                f"the request is {len(payload)} bytes, over the signer protocol's limit of "
+                f"{channel.MAX_PAYLOAD} bytes per message"
+            )
+
+        secure = await self._connect()
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
         try:
-            await secure.send(encode_message(build(request_id)))
-            return await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            raise SignerUnavailableError(
-                f"signer {self.signer.name!r} did not answer within {timeout:g} s"
-            ) from None
+            await secure.send(payload)
+            return await future
         except ChannelError as exc:
             await self._disconnect(str(exc))
             raise SignerUnavailableError(f"signer {self.signer.name!r}: {exc}") from None
@@ -97,30 +115,41 @@ class SignerClient:
             self._waiting.pop(request_id, None)
 
     async def _connect(self) -> channel.NoiseChannel:
-        async with self._connect_lock:
-            if self._secure is not None:
-                return self._secure
-            address = self.signer.address
-            try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.signer.host, self.signer.port), CONNECT_TIMEOUT
-                )
-            except (OSError, asyncio.TimeoutError) as exc:
-                reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else exc.strerror or str(exc)
-                raise SignerUnavailableError(
-                    f"cannot connect to signer {self.signer.name!r} at {address}: {reason}; "
-                    "check that 'tpmsigner serve' runs there and listens on that address"
-                ) from None
-            try:
-                secure = await channel.initiate(reader, writer, self.static_key, self.signer.public_key)
-            except ChannelError as exc:
-                writer.close()
-                raise SignerUnavailableError(f"signer {self.signer.name!r} at {address}: {exc}") from None
+        """Return the open channel, or join the one connection attempt under way.
 
-            logger.info("connected to signer %r at %s", self.signer.name, address)
-            self._secure = secure
-            self._reader_task = asyncio.create_task(self._read_replies(secure))
-            return secure
+        Requests that arrive while the signer is slow to answer wait for the
+        same attempt instead of each starting one after another.
+        """
+        if self._secure is not None:
+            return self._secure
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.ensure_future(self._open())
+            # Mark a failure as seen even when every waiter has timed out.
+            self._connecting.add_done_callback(lambda attempt: attempt.cancelled() or attempt.exception())
+        return await asyncio.shield(self._connecting)
+
+    async def _open(self) -> channel.NoiseChannel:
+        address = self.signer.address
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.signer.host, self.signer.port), CONNECT_TIMEOUT
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else exc.strerror or str(exc)
+            raise SignerUnavailableError(
+                f"cannot connect to signer {self.signer.name!r} at {address}: {reason}; "
+                "check that 'tpmsigner serve' runs there and listens on that address"
+            ) from None
+        try:
+            secure = await channel.initiate(reader, writer, self.static_key, self.signer.public_key)
+        except ChannelError as exc:
+            writer.close()
+            raise SignerUnavailableError(f"signer {self.signer.name!r} at {address}: {exc}") from None
+
+        logger.info("connected to signer %r at %s", self.signer.name, address)
+        self._secure = secure
+        self._reader_task = asyncio.create_task(self._read_replies(secure))
+        return secure
 
     async def _read_replies(self, secure: channel.NoiseChannel) -> None:
         received_any = False

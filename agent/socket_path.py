@@ -35,6 +35,10 @@ def _is_live(path: Path) -> bool:
     return True
 
 
+# sun_path is 108 bytes on Linux, including the terminating NUL (unix(7)).
+MAX_SOCKET_PATH = 107
+
+
 def bind_agent_socket(path: Path) -> socket.socket:
     """Bind and listen on ``path``, mode 0600.
 
@@ -43,6 +47,11 @@ def bind_agent_socket(path: Path) -> socket.socket:
     another agent is serving on it.
     """
     path = Path(path)
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ConfigError(
+            f"the socket path {path} is {len(os.fsencode(path))} bytes; UNIX socket paths "
+            f"may have at most {MAX_SOCKET_PATH}. Choose a shorter --socket path"
+        )
     if not path.parent.exists():
         path.parent.mkdir(mode=0o700, parents=True)
 
@@ -59,7 +68,7 @@ def bind_agent_socket(path: Path) -> socket.socket:
         sock.bind(str(path))
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot create the agent socket {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot create the agent socket {path}: {exc.strerror or exc}") from None
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)

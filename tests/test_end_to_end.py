@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from tpmsigner.protocol.channel import format_public_key
 from tests.support.chain import Chain
 
 PIN = "4711-correct-horse"
@@ -160,7 +161,7 @@ def test_agent_rejects_impostor_signer(chain: Chain) -> None:
     agent_key = chain.tpmsigner_agent("id").stdout.strip()
     chain.tpmsigner("allow", "test-laptop", agent_key)
     # Pin a key that is not the signer's: the agent must not talk to it.
-    impostor_key = "tpmsigner-noise-x25519:" + "A" * 43 + "="
+    impostor_key = format_public_key(b"\x07" * 32)
     chain.tpmsigner_agent("trust", "test-signer", f"127.0.0.1:{chain.signer_port}", impostor_key)
     chain.start_signer()
     chain.start_agent()

@@ -113,7 +113,7 @@ def test_wrong_pin_counts_toward_lockout(swtpm, store) -> None:
 
 def test_empty_pin_is_rejected(swtpm, store) -> None:
     with Tpm(swtpm.tcti) as tpm:
-        with pytest.raises(ValueError, match="non-empty PIN"):
+        with pytest.raises(ValueError, match="the PIN is empty"):
             tpmsigner.create_identity(tpm, store, "work", b"")
     assert store.list() == []
 

@@ -54,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     except (TpmSignerError, ValueError) as exc:
         print(f"tpmsigner: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        # A file or socket the command needs: the path and the reason are
+        # what a person can act on.
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"tpmsigner: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

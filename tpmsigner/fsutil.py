@@ -21,7 +21,12 @@ def ensure_private_dir(path: Path) -> Path:
     An existing directory owned by another user is rejected, because its
     owner could swap the files we are about to trust.
     """
-    path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{path} exists and is not a directory; choose another directory with --home") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create directory {path}: {exc.strerror}; choose another one with --home") from None
     info = path.stat()
     if info.st_uid != os.getuid():
         raise ConfigError(

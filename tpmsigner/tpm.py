@@ -88,6 +88,20 @@ _TPM_HASH_ALGS = {
 }
 RSA_DEFAULT_EXPONENT = 65537
 
+# An object's authValue may be no longer than the digest of its nameAlg
+# (TPM 2.0 Library Part 1, section 19.6.4); keys here use SHA-256.
+MAX_PIN_BYTES = 32
+
+
+def check_pin_length(pin: bytes) -> None:
+    """Raise ValueError for a PIN that is empty or longer than a key can have."""
+    if not pin:
+        raise ValueError("the PIN is empty; every key needs a PIN")
+    if len(pin) > MAX_PIN_BYTES:
+        raise ValueError(
+            f"the PIN is {len(pin)} bytes long; a TPM key's PIN can have at most {MAX_PIN_BYTES} bytes (UTF-8)"
+        )
+
 # A TPM signature as the TPM returns it: (r, s) for ECDSA, the RSASSA
 # signature bytes for RSA.
 RawSignature = tuple[int, int] | bytes
@@ -523,8 +537,7 @@ class Tpm:
         Raise UnsupportedByTpmError, naming the types this TPM does support,
         before anything is created if the TPM rejects the key's parameters.
         """
-        if not pin:
-            raise ValueError("a key needs a non-empty PIN")
+        check_pin_length(pin)
 
         with self._lock:
             try:
@@ -585,6 +598,9 @@ class Tpm:
         and is never retried here, since every retry would count toward the
         dictionary-attack lockout.
         """
+        if len(pin) > MAX_PIN_BYTES:
+            # No key can have this PIN, so the TPM is not asked and no try is counted.
+            raise TpmAuthError(f"wrong PIN: it is longer than the {MAX_PIN_BYTES} bytes a key's PIN can have")
         public_key = public_key_of(blob)
         if hash_name is None:
             if not isinstance(public_key, EcdsaPublicKey):
@@ -672,8 +688,7 @@ class Tpm:
         caller must replace the stored file.  The new PIN travels as the
         first command parameter, encrypted by the session.
         """
-        if not new_pin:
-            raise ValueError("the new PIN is empty; every key needs a PIN")
+        check_pin_length(new_pin)
         public_key_of(blob)
         with self._lock:
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import logging
 import signal
 import sys
@@ -45,7 +46,8 @@ def command_allow(args: argparse.Namespace) -> int:
 
 def parse_listen(value: str) -> tuple[str, int]:
     host, separator, port = value.rpartition(":")
-    if not separator or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    valid_port = port.isascii() and port.isdigit() and 0 <= int(port) <= 65535
+    if not separator or not host or not valid_port or any(character.isspace() for character in host):
         raise ConfigError(f"invalid --listen {value!r}: use HOST:PORT with a port from 0 to 65535, e.g. 127.0.0.1:7810")
     return host.strip("[]"), int(port)
 
@@ -53,8 +55,8 @@ def parse_listen(value: str) -> tuple[str, int]:
 def command_serve(args: argparse.Namespace) -> int:
     home = resolve_home(args.home)
     host, port = parse_listen(args.listen)
-    if args.approval_timeout <= 0:
-        raise ConfigError("--approval-timeout must be a positive number of seconds")
+    if not math.isfinite(args.approval_timeout) or args.approval_timeout <= 0:
+        raise ConfigError(f"--approval-timeout must be a positive, finite number of seconds, not {args.approval_timeout}")
     approver = approver_from_spec(args.approver, timeout=args.approval_timeout)
     check_approver(approver)
     static_key = _static_key(home)
@@ -82,7 +84,10 @@ def command_serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for signal_number in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signal_number, stop.set)
-        await server.start()
+        try:
+            await server.start()
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from None
         try:
             await stop.wait()
         finally:

@@ -124,6 +124,8 @@ def parse_public_key(text: str) -> bytes:
         raise ConfigError("invalid Noise public key: the part after the prefix is not base64") from None
     if len(public) != 32:
         raise ConfigError(f"invalid Noise public key: {len(public)} bytes instead of 32")
+    if public == bytes(32):
+        raise ConfigError("invalid Noise public key: the all-zero X25519 point cannot be anyone's key")
     return public
 
 
@@ -274,4 +276,7 @@ async def _run_handshake(handshake, timeout: float) -> NoiseChannel:
     except asyncio.TimeoutError:
         raise ChannelError(f"the Noise handshake did not finish within {timeout:g} s") from None
     except _NOISE_ERRORS as exc:
-        raise ChannelError(f"the Noise handshake failed: {exc!r}") from None
+        # The library's own text ("Invalid length of public_bytes!", a bare
+        # InvalidTag) means nothing to a reader of the log; the class name
+        # stays for whoever debugs it.
+        raise ChannelError(f"the peer sent an invalid Noise handshake message ({type(exc).__name__})") from None

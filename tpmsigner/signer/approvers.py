@@ -268,5 +268,9 @@ def approver_from_spec(spec: str, timeout: float = DEFAULT_APPROVAL_TIMEOUT) -> 
     if spec == "tty":
         return TtyApprover(timeout=timeout)
     if spec.startswith("command:"):
-        return CommandApprover(shlex.split(spec[len("command:") :]), timeout=timeout)
+        try:
+            argv = shlex.split(spec[len("command:") :])
+        except ValueError as exc:
+            raise ConfigError(f"invalid approver command {spec!r}: {exc}") from None
+        return CommandApprover(argv, timeout=timeout)
     raise ConfigError(f"unknown approver {spec!r}: use 'tty' or 'command:PROGRAM'")

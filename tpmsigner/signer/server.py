@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from ..errors import (
     ChannelError,
+    ConfigError,
     IdentityNotFoundError,
     KeyStoreError,
     PeerNotTrustedError,
@@ -20,6 +21,7 @@ from ..errors import (
     UnsupportedByTpmError,
 )
 from ..protocol import channel
+from ..ratelimit import RateLimitedLogger
 from ..protocol.messages import (
     Failure,
     FailureCode,
@@ -79,6 +81,9 @@ class SignerServer:
         # Request numbers for logs and prompts, unique in this signer run;
         # agents' own request ids repeat across devices and connections.
         self._serials = itertools.count(1)
+        # Anyone who can reach the port can fail a handshake, as often as
+        # they like, so those warnings are rate-limited.
+        self._handshake_log = RateLimitedLogger(logger)
 
     def next_serial(self) -> int:
         return next(self._serials)
@@ -135,10 +140,10 @@ class SignerServer:
         try:
             secure = await channel.respond(reader, writer, self.static_key, is_trusted)
         except PeerNotTrustedError as exc:
-            logger.warning("connection from %s rejected: %s (allow it with 'tpmsigner allow')", address, exc)
+            self._handshake_log.warning("connection from %s rejected: %s (allow it with 'tpmsigner allow')", address, exc)
             return
         except ChannelError as exc:
-            logger.warning("connection from %s failed during the handshake: %s", address, exc)
+            self._handshake_log.warning("connection from %s failed during the handshake: %s", address, exc)
             return
 
         device = trusted[secure.remote_static]
@@ -157,6 +162,7 @@ class _AgentSession:
         self.device = device
         self.address = address
         self._pending: set[asyncio.Task[None]] = set()
+        self._pending_signs = 0
 
     async def run(self) -> None:
         try:
@@ -164,7 +170,9 @@ class _AgentSession:
                 try:
                     payload = await self.secure.receive()
                 except ChannelError as exc:
-                    logger.info("device %r: channel closed: %s", self.device.name, exc)
+                    logger.warning("device %r: channel closed: %s", self.device.name, exc)
+                    return
+                if not self._still_allowed():
                     return
                 await self._dispatch(payload)
         finally:
@@ -173,6 +181,19 @@ class _AgentSession:
             if self._pending:
                 await asyncio.wait(self._pending, timeout=5.0)
             await self.secure.close()
+
+    def _still_allowed(self) -> bool:
+        """Re-read the device list, so a removed or replaced key stops working at once."""
+        try:
+            device = self.server.devices.find(self.secure.remote_static)
+        except ConfigError as exc:
+            logger.error("device %r: cannot read the trusted devices: %s; closing the connection", self.device.name, exc)
+            return False
+        if device is None:
+            logger.warning("device %r is no longer allowed; closing its connection", self.device.name)
+            return False
+        self.device = device
+        return True
 
     async def _dispatch(self, payload: bytes) -> None:
         try:
@@ -184,7 +205,15 @@ class _AgentSession:
                 await self._reply(Failure(request_id, FailureCode.BAD_REQUEST, str(exc)))
             return
 
-        if len(self._pending) >= MAX_PENDING_PER_CONNECTION:
+        # Listings answer at once, so only sign requests, which may wait for
+        # a person, count toward the limit.
+        if isinstance(message, SignRequest) and self._pending_signs >= MAX_PENDING_PER_CONNECTION:
+            logger.warning(
+                "device %r has %d sign requests pending; rejecting request id %d",
+                self.device.name,
+                self._pending_signs,
+                message.request_id,
+            )
             await self._reply(
                 Failure(message.request_id, FailureCode.BUSY, f"more than {MAX_PENDING_PER_CONNECTION} requests pending")
             )
@@ -195,19 +224,42 @@ class _AgentSession:
         task.add_done_callback(self._pending.discard)
 
     async def _handle(self, message: Message) -> None:
-        if isinstance(message, ListRequest):
-            reply = self._list(message)
-        elif isinstance(message, SignRequest):
-            reply = await self._sign(message)
-        else:
-            reply = Failure(message.request_id, FailureCode.BAD_REQUEST, f"{type(message).__name__} is not a request")
+        try:
+            if isinstance(message, ListRequest):
+                reply = self._list(message)
+            elif isinstance(message, SignRequest):
+                self._pending_signs += 1
+                try:
+                    reply = await self._sign(message)
+                finally:
+                    self._pending_signs -= 1
+            else:
+                reply = Failure(message.request_id, FailureCode.BAD_REQUEST, f"{type(message).__name__} is not a request")
+        except Exception:  # noqa: BLE001 - a bug must cost one request, not the connection
+            logger.exception("device %r: request id %d failed with an unexpected error", self.device.name, message.request_id)
+            reply = Failure(message.request_id, FailureCode.INTERNAL_ERROR, "internal error on the signer; see its log")
         await self._reply(reply)
 
     async def _reply(self, message: Message) -> None:
+        payload = encode_message(message)
+        if len(payload) > channel.MAX_PAYLOAD:
+            # NOTE: replies travel in one Noise message until the protocol
+            # splits large payloads; a listing of several hundred
+            # identities is the only reply that can grow this large.
+            logger.error(
+                "device %r: reply to request id %d is %d bytes, over the %d-byte message limit",
+                self.device.name,
+                message.request_id,
+                len(payload),
+                channel.MAX_PAYLOAD,
+            )
+            payload = encode_message(
+                Failure(message.request_id, FailureCode.INTERNAL_ERROR, "the reply is too large for one message")
+            )
         try:
-            await self.secure.send(encode_message(message))
+            await self.secure.send(payload)
         except ChannelError as exc:
-            logger.info("device %r: reply to request %d not delivered: %s", self.device.name, message.request_id, exc)
+            logger.info("device %r: reply to request id %d not delivered: %s", self.device.name, message.request_id, exc)
 
     def _list(self, request: ListRequest) -> Message:
         try:
