@@ -95,8 +95,6 @@ class SignerClient:
         request_id = next(self._request_ids) & 0xFFFFFFFF
         payload = encode_message(build(request_id))
         if len(payload) > channel.MAX_PAYLOAD:
-            # NOTE: one request travels in one Noise message until the
-            # protocol splits large payloads.
             raise SignerError(
                 f"the request is {len(payload)} bytes, over the signer protocol's limit of "
                 f"{channel.MAX_PAYLOAD} bytes per message"

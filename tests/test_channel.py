@@ -366,3 +366,60 @@ def test_public_key_text_round_trip() -> None:
 def test_parse_public_key_rejects(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_public_key(text)
+
+
+def test_fragmented_message_round_trip() -> None:
+    from tpmsigner.protocol.channel import FRAGMENT_SIZE
+
+    agent_key, signer_key = StaticKey.generate(), StaticKey.generate()
+    payload = bytes(range(256)) * (3 * FRAGMENT_SIZE // 256 + 1)
+
+    async def run() -> None:
+        async with tcp_streams() as (client, served):
+            agent, signer = await handshake(client, served, agent_key, signer_key)
+
+            await agent.send(payload)
+            await agent.send(b"next")
+            assert await signer.receive() == payload
+            assert await signer.receive() == b"next"
+
+    asyncio.run(run())
+
+
+def test_invalid_fragment_flag_closes_channel() -> None:
+    from tpmsigner.protocol.channel import _write_frame
+
+    agent_key, signer_key = StaticKey.generate(), StaticKey.generate()
+
+    async def run() -> None:
+        async with tcp_streams() as (client, served):
+            agent, signer = await handshake(client, served, agent_key, signer_key)
+
+            # An authenticated plaintext whose first byte is not a fragment flag.
+            await _write_frame(client[1], agent._connection.encrypt(b"\x07payload"))
+            with pytest.raises(ChannelError, match="invalid fragment header"):
+                await signer.receive()
+
+    asyncio.run(run())
+
+
+def test_reassembly_stops_at_max_payload() -> None:
+    from tpmsigner.protocol.channel import FRAGMENT_MORE, FRAGMENT_SIZE, _write_frame
+
+    agent_key, signer_key = StaticKey.generate(), StaticKey.generate()
+
+    async def run() -> None:
+        async with tcp_streams() as (client, served):
+            agent, signer = await handshake(client, served, agent_key, signer_key)
+
+            async def flood() -> None:
+                for _ in range(MAX_PAYLOAD // FRAGMENT_SIZE + 2):
+                    fragment = bytes([FRAGMENT_MORE]) + bytes(FRAGMENT_SIZE)
+                    await _write_frame(client[1], agent._connection.encrypt(fragment))
+
+            sender = asyncio.create_task(flood())
+            with pytest.raises(ChannelError, match="exceeds the maximum"):
+                await signer.receive()
+            sender.cancel()
+
+    asyncio.run(run())

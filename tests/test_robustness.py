@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import struct
 import time
 
 import asyncssh
 import pytest
-from asyncssh.packet import Byte, String, UInt32
 from tpm2_pytss import ESAPI
 from tpm2_pytss.constants import TPM2_CAP, TPM2_PT
 from tpm2_pytss.TCTILdr import TCTILdr
 
+import tpmsigner
 from tpmsigner.protocol.channel import format_public_key
+from tpmsigner.tpm import Tpm
 from tests.support.chain import Chain
-from tests.test_agent_input import RawAgentClient, assert_identities_answer
+from tests.test_agent_input import RawAgentClient
 
 PIN = "4711-robustness"
 
@@ -50,20 +52,15 @@ def test_replaced_device_key_cuts_open_connection(chain: Chain) -> None:
     assert "is no longer allowed; closing its connection" in chain.signer.log_text()
 
 
-def test_oversized_sign_data_gets_failure(chain: Chain) -> None:
+def test_large_sign_data_crosses_in_fragments(chain: Chain) -> None:
     public_line = start(chain)
-    blob = asyncssh.import_public_key(public_line).public_data
-    client = RawAgentClient(chain.agent_socket)
-    try:
-        client.send_message(Byte(13) + String(blob) + String(b"d" * 200_000) + UInt32(0))
-        assert client.read_reply() == b"\x05"
-        client.send_message(Byte(11))
-        assert_identities_answer(client.read_reply())
-    finally:
-        client.close()
-    assert chain.approver_requests() == []
+    data = bytes(range(256)) * 800   # 204,800 bytes: four Noise messages
+
+    signature = asyncio.run(asyncio.wait_for(sign_through_agent(chain, data), 60))
+
+    assert asyncssh.import_public_key(public_line).verify(data, signature)
+    assert chain.approver_requests()[0]["TPMSIGNER_PURPOSE"] == "unknown"
     assert chain.agent is not None
-    assert "over the signer protocol's limit" in chain.agent.log_text()
     assert "Traceback" not in chain.agent.log_text()
 
 
@@ -162,3 +159,32 @@ def test_stalled_header_is_closed(chain: Chain) -> None:
         assert time.monotonic() - started < 15
     finally:
         stalled.close()
+
+
+def test_thousand_identities_are_listed(chain: Chain, swtpm) -> None:
+    store = tpmsigner.KeyStore(chain.signer_home)
+    with Tpm(swtpm.tcti) as tpm:
+        lines = [
+            tpmsigner.create_identity(tpm, store, f"key-{number:04d}", PIN.encode()).openssh_line()
+            for number in range(1000)
+        ]
+    chain.set_approver_pin(PIN)
+    chain.pair()
+    chain.start_signer()
+    chain.start_agent()
+
+    listed = chain.ssh_add("-L")
+    cli_listing = json.loads(chain.tpmsigner("list", "--json").stdout)
+
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(listed.stdout.splitlines()) == sorted(lines)
+    assert len(cli_listing) == 1000
+
+    async def sign_with_last() -> bytes:
+        async with asyncssh.connect_agent(str(chain.agent_socket)) as agent:
+            keys = await agent.get_keys()
+            last = next(key for key in keys if key.get_comment() == "key-0999")
+            return await last.sign_async(b"data")
+
+    signature = asyncio.run(asyncio.wait_for(sign_with_last(), 60))
+    assert asyncssh.import_public_key(lines[-1]).verify(b"data", signature)

@@ -14,10 +14,13 @@ The signer checks the agent's key after the third message and closes the
 connection before reading any request when it is not trusted.
 
 Each Noise message travels as a 2-byte big-endian length followed by the
-message (Noise section 3 limits a message to 65,535 bytes, which leaves
-65,519 bytes of payload after the 16-byte ChaChaPoly tag).  A message that
-fails authentication closes the channel: the nonce sequence makes a
-dropped or replayed message detectable, and there is no way to resume.
+message.  Noise section 3 limits a message to 65,535 bytes, which leaves
+65,519 bytes of plaintext after the 16-byte ChaChaPoly tag, so a protocol
+message is split into fragments: each plaintext starts with a byte that is
+1 when more fragments follow and 0 on the last one.  A message may have at
+most MAX_PAYLOAD bytes in all.  A Noise message that fails authentication
+closes the channel: the nonce sequence makes a dropped or replayed message
+detectable, and there is no way to resume.
 """
 
 from __future__ import annotations
@@ -51,7 +54,13 @@ PROLOGUE = b"tpmsigner signer protocol 1"
 
 MAX_NOISE_MESSAGE = 65535
 TAG_SIZE = 16
-MAX_PAYLOAD = MAX_NOISE_MESSAGE - TAG_SIZE
+FRAGMENT_SIZE = MAX_NOISE_MESSAGE - TAG_SIZE - 1    # plaintext after the flag byte
+FRAGMENT_MORE = 1
+FRAGMENT_LAST = 0
+# Largest reassembled protocol message.  It bounds the memory an
+# authenticated peer can make the other side hold for one message, and fits
+# 256 KiB of data to sign (the agent protocol's own limit) with room to spare.
+MAX_PAYLOAD = 1024 * 1024
 HANDSHAKE_TIMEOUT = 10.0
 PUBLIC_KEY_PREFIX = "tpmsigner-noise-x25519:"
 
@@ -159,22 +168,35 @@ class NoiseChannel:
         return str(peer)
 
     async def send(self, payload: bytes) -> None:
-        """Encrypt and send one message of at most MAX_PAYLOAD bytes."""
+        """Encrypt and send one message of at most MAX_PAYLOAD bytes, in fragments."""
         if len(payload) > MAX_PAYLOAD:
             raise ValueError(f"message of {len(payload)} bytes exceeds the maximum of {MAX_PAYLOAD}")
-        # Encryption and write stay under one lock, because the receiver
-        # expects ciphertexts in nonce order.
+        fragments = [payload[start : start + FRAGMENT_SIZE] for start in range(0, len(payload), FRAGMENT_SIZE)] or [b""]
+        # Encryption and writes stay under one lock, because the receiver
+        # expects ciphertexts in nonce order and the fragments of one
+        # message back to back.
         async with self._send_lock:
-            ciphertext = self._connection.encrypt(payload)
-            await _write_frame(self._writer, ciphertext)
+            for index, fragment in enumerate(fragments):
+                flag = FRAGMENT_LAST if index == len(fragments) - 1 else FRAGMENT_MORE
+                ciphertext = self._connection.encrypt(bytes([flag]) + fragment)
+                await _write_frame(self._writer, ciphertext)
 
     async def receive(self) -> bytes:
-        """Return the next decrypted message; raise ChannelError on any failure."""
-        ciphertext = await _read_frame(self._reader)
-        try:
-            return bytes(self._connection.decrypt(ciphertext))
-        except _NOISE_ERRORS:
-            raise ChannelError("a message failed authentication; closing the channel") from None
+        """Return the next reassembled message; raise ChannelError on any failure."""
+        message = bytearray()
+        while True:
+            ciphertext = await _read_frame(self._reader)
+            try:
+                plaintext = bytes(self._connection.decrypt(ciphertext))
+            except _NOISE_ERRORS:
+                raise ChannelError("a message failed authentication; closing the channel") from None
+            if not plaintext or plaintext[0] not in (FRAGMENT_MORE, FRAGMENT_LAST):
+                raise ChannelError("a message has an invalid fragment header; closing the channel")
+            message += plaintext[1:]
+            if len(message) > MAX_PAYLOAD:
+                raise ChannelError(f"a message exceeds the maximum of {MAX_PAYLOAD} bytes; closing the channel")
+            if plaintext[0] == FRAGMENT_LAST:
+                return bytes(message)
 
     async def close(self) -> None:
         self._writer.close()

@@ -243,9 +243,8 @@ class _AgentSession:
     async def _reply(self, message: Message) -> None:
         payload = encode_message(message)
         if len(payload) > channel.MAX_PAYLOAD:
-            # NOTE: replies travel in one Noise message until the protocol
-            # splits large payloads; a listing of several hundred
-            # identities is the only reply that can grow this large.
+            # A listing of several thousand identities is the only reply
+            # that can grow this large.
             logger.error(
                 "device %r: reply to request id %d is %d bytes, over the %d-byte message limit",
                 self.device.name,
