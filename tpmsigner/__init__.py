@@ -28,6 +28,12 @@ _EXPORTS = {
     "TpmKeyBlob": "tpmsigner.tpm",
     "KeyStore": "tpmsigner.store",
     "Identity": "tpmsigner.store",
+    "KeyType": "tpmsigner.keytypes",
+    "KEY_TYPES": "tpmsigner.keytypes",
+    "TpmEllipticCurvePrivateKey": "tpmsigner.pyca_keys",
+    "TpmRsaPrivateKey": "tpmsigner.pyca_keys",
+    "private_key_for": "tpmsigner.pyca_keys",
+    "TpmSSHKeyPair": "tpmsigner.asyncssh_keys",
     "create_identity": "tpmsigner.identities",
     "sign_data": "tpmsigner.identities",
     "ApprovalRequest": "tpmsigner.signer.approvers",
@@ -57,7 +63,10 @@ if TYPE_CHECKING:
         TpmSignerError,
         TpmUnavailableError,
     )
+    from .asyncssh_keys import TpmSSHKeyPair
     from .identities import create_identity, sign_data
+    from .keytypes import KEY_TYPES, KeyType
+    from .pyca_keys import TpmEllipticCurvePrivateKey, TpmRsaPrivateKey, private_key_for
     from .signer.approvers import ApprovalRequest, CallableApprover
     from .store import Identity, KeyStore
     from .tpm import Tpm, TpmKeyBlob
