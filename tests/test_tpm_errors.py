@@ -1,0 +1,66 @@
+"""TPM failures a person meets, as the command line reports them."""
+
+from __future__ import annotations
+
+import json
+
+from tpm2_pytss import ESAPI
+from tpm2_pytss.constants import ESYS_TR
+from tpm2_pytss.TCTILdr import TCTILdr
+from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
+
+from tpmsigner.templates import srk_ecc_p256_template
+from tests.support.chain import Chain
+
+PIN = "4711-tpm-errors"
+
+
+def test_stopped_tpm_is_reported(chain: Chain, swtpm) -> None:
+    chain.keygen("work", PIN)
+    swtpm.stop()
+    pin_file = chain.workdir / "pin"
+    pin_file.write_text(PIN + "\n")
+
+    result = chain.tpmsigner("keygen", "second", "--pin-file", str(pin_file), check=False)
+
+    assert result.returncode == 1
+    assert f"cannot open the TPM at TCTI {swtpm.tcti!r}" in result.stderr
+    assert "Check that the TPM (or swtpm) is running" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_list_and_show_work_without_tpm(chain: Chain, swtpm) -> None:
+    public_line = chain.keygen("work", PIN)
+    swtpm.stop()
+
+    listed = chain.tpmsigner("list")
+    shown = json.loads(chain.tpmsigner("show", "work", "--json").stdout)
+
+    assert "work" in listed.stdout
+    assert shown["public_key"] == public_line
+
+
+def test_full_object_memory_is_reported(chain: Chain, swtpm) -> None:
+    chain.keygen("work", PIN)
+    # Another client without a resource manager fills swtpm's three object slots.
+    hog = ESAPI(TCTILdr.parse(swtpm.tcti))
+    handles = []
+    try:
+        for _ in range(3):
+            handle, _, _, _, _ = hog.create_primary(
+                TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=srk_ecc_p256_template()), ESYS_TR.RH_OWNER
+            )
+            handles.append(handle)
+        pin_file = chain.workdir / "pin"
+        pin_file.write_text(PIN + "\n")
+
+        result = chain.tpmsigner("keygen", "second", "--pin-file", str(pin_file), check=False)
+    finally:
+        for handle in handles:
+            hog.flush_context(handle)
+        hog.close()
+
+    assert result.returncode == 1
+    assert "out of object memory" in result.stderr
+    assert "resource manager" in result.stderr
+    assert not (chain.signer_home / "keys" / "second.json").exists()
