@@ -1,7 +1,7 @@
 """TPM keys as asyncssh client keys, for logins without any agent.
 
 ``asyncssh.connect(host, client_keys=[TpmSSHKeyPair(...)])`` logs in with a
-key that stays in the TPM.  Each signature asks ``pin_callback`` for the PIN
+key that stays in the TPM.  Each signature calls ``pin_callback`` for the PIN
 and runs in a worker thread, so the event loop keeps running while the TPM
 works.
 """
