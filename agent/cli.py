@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import signal
@@ -12,7 +11,8 @@ import sys
 from pathlib import Path
 
 from tpmsigner import __version__
-from tpmsigner.errors import ConfigError, TpmSignerError
+from tpmsigner.cliutil import run_handler, serve_until_signal
+from tpmsigner.errors import ConfigError
 from tpmsigner.protocol.channel import format_public_key, public_key_fingerprint
 
 from .config import AgentHome, default_home
@@ -47,20 +47,12 @@ def _serve(sock: socket.socket, path: Path, home: AgentHome) -> None:
         logger.warning("no signer is trusted yet; pin one with 'tpmsigner-agent trust NAME HOST:PORT KEY'")
     server = AgentServer(signers, home.static_key())
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signal_number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.add_signal_handler(signal_number, stop.set)
+    async def start() -> None:
         await server.start(sock)
         logger.info("agent listening on %s for %d signer(s)", path, len(signers))
-        try:
-            await stop.wait()
-        finally:
-            await server.close()
 
     try:
-        asyncio.run(run())
+        serve_until_signal(start, server.close, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
     finally:
         try:
             path.unlink()
@@ -138,23 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
-    try:
-        return args.handler(args)
-    except TpmSignerError as exc:
-        print(f"tpmsigner-agent: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"tpmsigner-agent: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_handler("tpmsigner-agent", build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

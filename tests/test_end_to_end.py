@@ -13,6 +13,7 @@ import pytest
 
 from tpmsigner.protocol.channel import format_public_key
 from tests.support.chain import Chain
+from tests.support.sshsig import sign_and_check
 
 PIN = "4711-correct-horse"
 
@@ -78,29 +79,14 @@ def test_login_fingerprint_matches_ssh_keygen(chain: Chain, tmp_path) -> None:
 
 def test_sshsig_signature_verifies(chain: Chain, tmp_path) -> None:
     public_line = start_paired_chain(chain)
-    pub_file = tmp_path / "work.pub"
-    pub_file.write_text(public_line + "\n")
     message = tmp_path / "commit.txt"
     message.write_text("tree 4b825dc642cb6eb9a060e54bf8d69288fbee4904\n")
 
-    signed = subprocess.run(
-        ["ssh-keygen", "-Y", "sign", "-n", "git", "-f", str(pub_file), str(message)],
-        env=chain.agent_environment(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
-    assert signed.returncode == 0, signed.stderr
+    result = sign_and_check(chain.agent_environment(), public_line, message)
 
-    with open(message, "rb") as stdin:
-        checked = subprocess.run(
-            ["ssh-keygen", "-Y", "check-novalidate", "-n", "git", "-f", str(pub_file), "-s", f"{message}.sig"],
-            stdin=stdin,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+    assert result.signed.returncode == 0, result.signed.stderr
+    assert result.checked is not None
+    checked = result.checked
     assert checked.returncode == 0, checked.stderr
     assert "Good \"git\" signature" in checked.stdout
     assert chain.approver_requests()[0]["TPMSIGNER_PURPOSE"] == "sshsig:git"

@@ -183,7 +183,7 @@ def test_ensure_private_dir_creates_parents(tmp_path: Path, umask_022) -> None:
     assert (tmp_path / "a" / "b").is_dir()
 
 
-def test_ensure_private_dir_creates_parents(tmp_path: Path, umask_022) -> None:
+def test_ensure_private_dir_parents_keep_umask(tmp_path: Path, umask_022) -> None:
     path = tmp_path / "parent" / "home"
 
     ensure_private_dir(path)

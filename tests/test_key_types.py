@@ -13,6 +13,7 @@ from tpmsigner.keytypes import KEY_TYPES
 from tpmsigner.protocol.sshkeys import SSH_AGENT_RSA_SHA2_256, SSH_AGENT_RSA_SHA2_512
 from tpmsigner.tpm import Tpm
 from tests.support.chain import Chain
+from tests.support.sshsig import sign_and_check
 
 PIN = "4711-key-types"
 
@@ -67,29 +68,14 @@ def test_login_with_each_key_type(chain: Chain, sshd_factory, key_type: str, ssh
 @pytest.mark.parametrize("key_type", ["ecdsa-p384", "rsa-2048"])
 def test_sshsig_with_each_key_type(chain: Chain, key_type: str) -> None:
     public_line = start_chain_with_key(chain, key_type)
-    pub_file = chain.workdir / "key.pub"
-    pub_file.write_text(public_line + "\n")
     message = chain.workdir / "message"
     message.write_text("signed by a TPM key\n")
 
-    signed = subprocess.run(
-        ["ssh-keygen", "-Y", "sign", "-n", "git", "-f", str(pub_file), str(message)],
-        env=chain.agent_environment(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
-    assert signed.returncode == 0, signed.stderr
-    with open(message, "rb") as stdin:
-        checked = subprocess.run(
-            ["ssh-keygen", "-Y", "check-novalidate", "-n", "git", "-f", str(pub_file), "-s", f"{message}.sig"],
-            stdin=stdin,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    assert checked.returncode == 0, checked.stderr
+    result = sign_and_check(chain.agent_environment(), public_line, message)
+
+    assert result.signed.returncode == 0, result.signed.stderr
+    assert result.checked is not None
+    assert result.checked.returncode == 0, result.checked.stderr
 
     armored = (chain.workdir / "message.sig").read_text().splitlines()
     signature_blob = base64.b64decode("".join(armored[1:-1]))

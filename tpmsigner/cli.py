@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
 from . import __version__
-from .errors import TpmSignerError
+from .cliutil import run_handler
 
 
 def _configure_tss_logging() -> None:
@@ -43,25 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _configure_tss_logging()
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
-    try:
-        return args.handler(args)
-    except (TpmSignerError, ValueError) as exc:
-        print(f"tpmsigner: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        # A file or socket the command needs: the path and the reason are
-        # what a person can act on.
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"tpmsigner: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_handler("tpmsigner", build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

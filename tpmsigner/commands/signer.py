@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import math
 import logging
-import signal
 import sys
 from pathlib import Path
 
+from ..cliutil import serve_until_signal
 from ..errors import ConfigError
 from ..fsutil import ensure_private_dir
 from ..protocol.channel import StaticKey, format_public_key, parse_public_key, public_key_fingerprint
@@ -79,22 +78,14 @@ def command_serve(args: argparse.Namespace) -> int:
         config=SignerConfig(host=host, port=port, approval_timeout=args.approval_timeout),
     )
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signal_number in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signal_number, stop.set)
+    async def start() -> None:
         try:
             await server.start()
         except OSError as exc:
             raise ConfigError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from None
-        try:
-            await stop.wait()
-        finally:
-            await server.close()
 
     try:
-        asyncio.run(run())
+        serve_until_signal(start, server.close)
     finally:
         worker.close()
     return 0
