@@ -173,11 +173,11 @@ class AgentServer:
             return wire.FAILURE
 
         logger.info(
-            "sign request from %s: key %s, %s %s, sent to signer %r",
+            "sign request from %s: key %s, %s%s, sent to signer %r",
             process.describe(),
             fingerprint,
             info.purpose,
-            info.destination or "-",
+            f" to {info.destination}" if info.destination else "",
             client.signer.name,
         )
         try:

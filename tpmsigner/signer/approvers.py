@@ -214,15 +214,25 @@ class TtyApprover:
         try:
             fd = os.open(self.tty_path, os.O_RDWR | os.O_NOCTTY)
         except OSError as exc:
-            logger.error("request %d: no terminal to ask on (%s): refused", request.request_id, exc.strerror)
+            logger.error("request #%d: no terminal to ask on (%s): denied", request.request_id, exc.strerror)
             return None
 
         try:
-            os.write(fd, (
-                "\n" + request.summary() + "\n"
-                f"PIN for {request.key_label} (empty line refuses): "
-            ).encode("utf-8"))
-            pin = _read_line_without_echo(fd, deadline, cancelled)
+            old_attributes = termios.tcgetattr(fd)
+            no_echo = termios.tcgetattr(fd)
+            no_echo[3] &= ~termios.ECHO
+            # Echo goes off, and anything typed before the prompt is
+            # discarded (TCSAFLUSH), before the prompt is shown: a line typed
+            # ahead was not typed in answer to this request.
+            termios.tcsetattr(fd, termios.TCSAFLUSH, no_echo)
+            try:
+                os.write(fd, (
+                    "\n" + request.summary() + "\n"
+                    f"PIN for {request.key_label} (empty line refuses): "
+                ).encode("utf-8"))
+                pin = _read_line(fd, deadline, cancelled)
+            finally:
+                termios.tcsetattr(fd, termios.TCSANOW, old_attributes)
             if cancelled.is_set():
                 os.write(fd, f"\nrequest #{request.request_id} expired or was withdrawn; nothing was signed\n".encode())
             else:
@@ -235,32 +245,25 @@ class TtyApprover:
         return pin
 
 
-def _read_line_without_echo(fd: int, deadline: float, cancelled: threading.Event) -> str | None:
-    """Read one line from a terminal with echo off, until ``deadline``."""
-    old_attributes = termios.tcgetattr(fd)
-    new_attributes = termios.tcgetattr(fd)
-    new_attributes[3] &= ~termios.ECHO
-    termios.tcsetattr(fd, termios.TCSAFLUSH, new_attributes)
-    try:
-        buffer = b""
-        while b"\n" not in buffer and not cancelled.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            readable, _, _ = select.select([fd], [], [], min(remaining, 0.2))
-            if not readable:
-                continue
-            chunk = os.read(fd, 256)
-            if not chunk:
-                return None
-            buffer += chunk
-            if len(buffer) > MAX_PIN_OUTPUT:
-                return None
-        if cancelled.is_set():
+def _read_line(fd: int, deadline: float, cancelled: threading.Event) -> str | None:
+    """Read one line from a terminal until ``deadline``; None on timeout or cancel."""
+    buffer = b""
+    while b"\n" not in buffer and not cancelled.is_set():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
             return None
-        return buffer.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", errors="replace")
-    finally:
-        termios.tcsetattr(fd, termios.TCSAFLUSH, old_attributes)
+        readable, _, _ = select.select([fd], [], [], min(remaining, 0.2))
+        if not readable:
+            continue
+        chunk = os.read(fd, 256)
+        if not chunk:
+            return None
+        buffer += chunk
+        if len(buffer) > MAX_PIN_OUTPUT:
+            return None
+    if cancelled.is_set():
+        return None
+    return buffer.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", errors="replace")
 
 
 def approver_from_spec(spec: str, timeout: float = DEFAULT_APPROVAL_TIMEOUT) -> Approver:
