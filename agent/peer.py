@@ -32,6 +32,18 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials | None:
     return PeerCredentials(pid, uid, gid)
 
 
+def process_arguments(credentials: PeerCredentials | None) -> list[str]:
+    """Return the peer's argv from /proc, or an empty list when it cannot be read."""
+    if credentials is None:
+        return []
+    try:
+        with open(f"/proc/{credentials.pid}/cmdline", "rb") as cmdline_file:
+            raw = cmdline_file.read(64 * 1024)
+    except OSError:
+        return []
+    return [part.decode("utf-8", errors="replace") for part in raw.split(b"\0") if part]
+
+
 def process_info(credentials: PeerCredentials | None) -> ProcessInfo:
     """Describe the peer process for the signer's prompt.
 
@@ -45,13 +57,7 @@ def process_info(credentials: PeerCredentials | None) -> ProcessInfo:
         executable = os.readlink(f"/proc/{credentials.pid}/exe")
     except OSError:
         executable = ""
-    try:
-        with open(f"/proc/{credentials.pid}/cmdline", "rb") as cmdline_file:
-            raw = cmdline_file.read(64 * 1024)
-        arguments = [part.decode("utf-8", errors="replace") for part in raw.split(b"\0") if part]
-        command_line = shlex.join(arguments)
-    except OSError:
-        command_line = ""
+    command_line = shlex.join(process_arguments(credentials))
     if len(command_line) > MAX_COMMAND_LINE:
         command_line = command_line[: MAX_COMMAND_LINE - 3] + "..."
 

@@ -11,12 +11,14 @@ import time
 
 from tpmsigner.errors import ProtocolError, SignerError
 from tpmsigner.protocol.channel import StaticKey
-from tpmsigner.protocol.signeddata import describe_signed_data
+from tpmsigner.protocol.sessionbind import SESSION_BIND_EXTENSION, decode_session_bind, verify_session_bind
+from tpmsigner.protocol.signeddata import PURPOSE_SSH_LOGIN, describe_signed_data
 from tpmsigner.protocol.sshkeys import fingerprint_of_blob
 
 from . import wire
 from .config import PinnedSigner
-from .peer import PeerCredentials, peer_credentials, process_info
+from .destination import BindingRejected, ConnectionBindings, evidence_for
+from .peer import PeerCredentials, peer_credentials, process_arguments, process_info
 from .signer_client import SignerClient
 
 logger = logging.getLogger(__name__)
@@ -71,6 +73,7 @@ class AgentServer:
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, credentials: PeerCredentials | None
     ) -> None:
+        bindings = ConnectionBindings()
         while True:
             try:
                 # Waiting for the next message has no limit; once its first
@@ -100,7 +103,7 @@ class AgentServer:
                 return
 
             try:
-                reply = await self._handle(message, credentials)
+                reply = await self._handle(message, credentials, bindings)
             except Exception:  # noqa: BLE001 - a bug must cost one request, not the connection
                 logger.exception("handling a message of type %d failed with an unexpected error", message[0])
                 reply = wire.FAILURE
@@ -115,18 +118,51 @@ class AgentServer:
             return False
         return True
 
-    async def _handle(self, message: bytes, credentials: PeerCredentials | None) -> bytes:
+    async def _handle(
+        self, message: bytes, credentials: PeerCredentials | None, bindings: ConnectionBindings
+    ) -> bytes:
         message_type, body = message[0], message[1:]
         if message_type == wire.SSH_AGENTC_REQUEST_IDENTITIES:
             return await self._list_identities()
         if message_type == wire.SSH_AGENTC_SIGN_REQUEST:
-            return await self._sign(body, credentials)
+            return await self._sign(body, credentials, bindings)
+        if message_type == wire.SSH_AGENTC_EXTENSION:
+            return self._extension(body, bindings)
 
-        # Adding keys, locking, smartcards and every extension (OpenSSH 9.2
-        # sends session-bind@openssh.com first on each connection) fail
-        # politely: the keys live on the signer, not here.
+        # Adding keys, locking and smartcards fail politely: the keys live
+        # on the signer, not here.
         logger.debug("replying SSH_AGENT_FAILURE to message type %d", message_type)
         return wire.FAILURE
+
+    def _extension(self, body: bytes, bindings: ConnectionBindings) -> bytes:
+        """Handle SSH_AGENTC_EXTENSION (PROTOCOL.agent, "extension mechanism")."""
+        try:
+            name, contents = wire.decode_extension(body)
+        except ProtocolError as exc:
+            logger.warning("malformed extension request: %s", exc)
+            return wire.FAILURE
+
+        if name == wire.QUERY_EXTENSION:
+            return wire.encode_query_reply([wire.QUERY_EXTENSION, SESSION_BIND_EXTENSION])
+        if name != SESSION_BIND_EXTENSION:
+            logger.debug("unsupported extension %r", name[:64])
+            return wire.FAILURE
+
+        try:
+            bind = decode_session_bind(contents)
+        except ProtocolError as exc:
+            logger.warning("%s", exc)
+            return wire.FAILURE
+        if not verify_session_bind(bind):
+            logger.warning("session-bind with host key %s has a bad signature; rejected", bind.host_key_fingerprint)
+            return wire.EXTENSION_FAILURE
+        try:
+            bindings.add(bind)
+        except BindingRejected as exc:
+            logger.warning("session-bind with host key %s rejected: %s", bind.host_key_fingerprint, exc)
+            return wire.FAILURE
+        logger.debug("connection bound to host key %s (forwarding: %s)", bind.host_key_fingerprint, bind.is_forwarding)
+        return wire.SUCCESS
 
     async def _list_identities(self) -> bytes:
         results = await asyncio.gather(*(client.list_identities() for client in self.clients), return_exceptions=True)
@@ -156,7 +192,7 @@ class AgentServer:
             await self._list_identities()
         return self._key_owner.get(key_blob)
 
-    async def _sign(self, body: bytes, credentials: PeerCredentials | None) -> bytes:
+    async def _sign(self, body: bytes, credentials: PeerCredentials | None, bindings: ConnectionBindings) -> bytes:
         try:
             request = wire.decode_sign_request(body)
         except ProtocolError as exc:
@@ -167,6 +203,15 @@ class AgentServer:
         process = process_info(credentials)
         info = describe_signed_data(request.data, request.key_blob)
         fingerprint = fingerprint_of_blob(request.key_blob)
+        evidence = None
+        if info.purpose == PURPOSE_SSH_LOGIN:
+            try:
+                evidence = evidence_for(
+                    bindings, info, process_arguments(credentials), credentials.uid if credentials else None
+                )
+            except BindingRejected as exc:
+                logger.warning("sign request from %s for key %s rejected: %s", process.describe(), fingerprint, exc)
+                return wire.FAILURE
         client = await self._owner_of(request.key_blob)
         if client is None:
             logger.info("sign request from %s for unknown key %s: failed", process.describe(), fingerprint)
@@ -181,7 +226,7 @@ class AgentServer:
             client.signer.name,
         )
         try:
-            signature = await client.sign(request.key_blob, request.data, request.flags, process)
+            signature = await client.sign(request.key_blob, request.data, request.flags, process, evidence)
         except SignerError as exc:
             logger.info("sign request for %s failed after %.1f s: %s", fingerprint, time.monotonic() - started, exc)
             return wire.FAILURE

@@ -15,6 +15,7 @@ import logging
 
 from tpmsigner.errors import ChannelError, ProtocolError, SignerError
 from tpmsigner.protocol import channel
+from tpmsigner.protocol.sessionbind import BindingEvidence
 from tpmsigner.protocol.messages import (
     Failure,
     ListReply,
@@ -58,9 +59,11 @@ class SignerClient:
             return [(identity.key_blob, identity.label) for identity in reply.identities]
         raise self._unexpected(reply)
 
-    async def sign(self, key_blob: bytes, data: bytes, flags: int, process: ProcessInfo) -> bytes:
+    async def sign(
+        self, key_blob: bytes, data: bytes, flags: int, process: ProcessInfo, evidence: BindingEvidence | None = None
+    ) -> bytes:
         reply = await self._request(
-            lambda request_id: SignRequest(request_id, key_blob, data, flags, process), SIGN_TIMEOUT
+            lambda request_id: SignRequest(request_id, key_blob, data, flags, process, evidence), SIGN_TIMEOUT
         )
         if isinstance(reply, SignReply):
             return reply.signature

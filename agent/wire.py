@@ -79,3 +79,26 @@ def frame(message: bytes) -> bytes:
 
 
 FAILURE = Byte(SSH_AGENT_FAILURE)
+SUCCESS = Byte(SSH_AGENT_SUCCESS)
+EXTENSION_FAILURE = Byte(SSH_AGENT_EXTENSION_FAILURE)
+
+QUERY_EXTENSION = b"query"
+
+
+def decode_extension(body: bytes) -> tuple[bytes, bytes]:
+    """Split SSH_AGENTC_EXTENSION contents into (name, extension-specific contents)."""
+    try:
+        packet = SSHPacket(body)
+        name = packet.get_string()
+    except PacketDecodeError as exc:
+        raise ProtocolError(f"malformed extension request: {exc}") from None
+    return name, packet.get_remaining_payload()
+
+
+def encode_query_reply(names: list[bytes]) -> bytes:
+    """Reply to the "query" extension: SSH_AGENT_SUCCESS and the extension names.
+
+    This is the form asyncssh's ``query_extensions()`` reads; OpenSSH 9.2's
+    ssh and ssh-add do not send "query".
+    """
+    return SUCCESS + b"".join(String(name) for name in names)

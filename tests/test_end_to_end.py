@@ -57,7 +57,8 @@ def test_approved_login_reaches_sshd(chain: Chain, sshd_factory) -> None:
     assert seen["TPMSIGNER_KEY_LABEL"] == "work"
     assert seen["TPMSIGNER_DEVICE"] == "test-laptop"
     assert seen["TPMSIGNER_PURPOSE"] == "ssh-login"
-    assert seen["TPMSIGNER_DESTINATION"] == f"{sshd.user}@?"
+    assert seen["TPMSIGNER_DESTINATION"] == f"{sshd.user}@127.0.0.1"
+    assert seen["TPMSIGNER_DESTINATION_VERIFIED"] == "yes"
     assert seen["TPMSIGNER_KEY_FINGERPRINT"].startswith("SHA256:")
     assert "ssh" in seen["TPMSIGNER_PROCESS"]
     assert f"-p {sshd.port}" in seen["TPMSIGNER_PROCESS"]

@@ -87,6 +87,7 @@ def test_sign_request_exact_bytes() -> None:
         + struct.pack(">I", 1000)
         + ssh_string("/usr/bin/ssh")
         + ssh_string("ssh -p 2222 host")
+        + ssh_string(b"")   # no session binding evidence
     )
 
     assert encode_message(MESSAGES["sign request"]) == expected

@@ -51,6 +51,9 @@ NOISE_PROTOCOL_NAME = b"Noise_XX_25519_ChaChaPoly_SHA256"
 # The prologue binds the protocol version into the handshake hash, so an
 # agent and a signer that speak different versions fail the handshake.
 PROLOGUE = b"tpmsigner signer protocol 1"
+# Pairing handshakes use their own prologue, so a pairing handshake and a
+# signer session can never complete against each other.
+PAIRING_PROLOGUE = b"tpmsigner pairing 1"
 
 MAX_NOISE_MESSAGE = 65535
 TAG_SIZE = 16
@@ -225,9 +228,9 @@ async def _read_frame(reader: asyncio.StreamReader) -> bytes:
         raise ChannelError(f"receiving from the peer failed: {exc}") from None
 
 
-def _new_connection(static: StaticKey, initiator: bool) -> NoiseConnection:
+def _new_connection(static: StaticKey, initiator: bool, prologue: bytes = PROLOGUE) -> NoiseConnection:
     connection = NoiseConnection.from_name(NOISE_PROTOCOL_NAME)
-    connection.set_prologue(PROLOGUE)
+    connection.set_prologue(prologue)
     connection.set_keypair_from_private_bytes(Keypair.STATIC, static.private)
     if initiator:
         connection.set_as_initiator()
@@ -288,6 +291,52 @@ async def respond(
         if not is_trusted(remote):
             raise PeerNotTrustedError(f"peer key {public_key_fingerprint(remote)} is not allowed")
         return NoiseChannel(connection, remote, reader, writer)
+
+    return await _run_handshake(run(), timeout)
+
+
+async def initiate_pairing(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    static: StaticKey,
+    timeout: float = HANDSHAKE_TIMEOUT,
+) -> NoiseChannel:
+    """Run the initiator side of a pairing handshake, which accepts any responder key.
+
+    The caller must not trust ``remote_static`` until a person has compared
+    the codes derived from ``handshake_hash`` on both devices.
+    """
+
+    async def run() -> NoiseChannel:
+        connection = _new_connection(static, initiator=True, prologue=PAIRING_PROLOGUE)
+        await _write_frame(writer, bytes(connection.write_message()))
+        connection.read_message(await _read_frame(reader))
+        remote = _remote_static(connection)
+        await _write_frame(writer, bytes(connection.write_message()))
+        return NoiseChannel(connection, remote, reader, writer)
+
+    return await _run_handshake(run(), timeout)
+
+
+async def respond_pairing(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    static: StaticKey,
+    timeout: float = HANDSHAKE_TIMEOUT,
+) -> NoiseChannel:
+    """Run the responder side of a pairing handshake, which accepts any initiator key.
+
+    As with initiate_pairing, the remote key is unverified until a person
+    confirms the pairing code.
+    """
+
+    async def run() -> NoiseChannel:
+        connection = _new_connection(static, initiator=False, prologue=PAIRING_PROLOGUE)
+        connection.read_message(await _read_frame(reader))
+        await _write_frame(writer, bytes(connection.write_message()))
+        handshake_state = connection.noise_protocol.handshake_state
+        connection.read_message(await _read_frame(reader))
+        return NoiseChannel(connection, bytes(handshake_state.rs.public_bytes), reader, writer)
 
     return await _run_handshake(run(), timeout)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from asyncssh.packet import Byte, PacketDecodeError, SSHPacket, String, UInt32
 
 from ..errors import ProtocolError
+from .sessionbind import BindingEvidence, decode_evidence, encode_evidence
 
 MSG_LIST_REQUEST = 1
 MSG_LIST_REPLY = 2
@@ -89,6 +90,7 @@ class SignRequest:
     data: bytes
     flags: int = 0
     process: ProcessInfo = field(default_factory=ProcessInfo)
+    evidence: BindingEvidence | None = None
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ def encode_message(message: Message) -> bytes:
                 String(identity.key_blob) + String(identity.label) for identity in identities
             )
             return Byte(MSG_LIST_REPLY) + UInt32(request_id) + body
-        case SignRequest(request_id, key_blob, data, flags, process):
+        case SignRequest(request_id, key_blob, data, flags, process, evidence):
             return (
                 Byte(MSG_SIGN_REQUEST)
                 + UInt32(request_id)
@@ -128,6 +130,7 @@ def encode_message(message: Message) -> bytes:
                 + UInt32(process.uid)
                 + String(process.executable)
                 + String(process.command_line)
+                + encode_evidence(evidence)
             )
         case SignReply(request_id, signature):
             return Byte(MSG_SIGN_REPLY) + UInt32(request_id) + String(signature)
@@ -179,7 +182,8 @@ def _decode_body(message_type: int, request_id: int, packet: SSHPacket) -> Messa
             executable=packet.get_string().decode("utf-8"),
             command_line=packet.get_string().decode("utf-8"),
         )
-        return SignRequest(request_id, key_blob, data, flags, process)
+        evidence = decode_evidence(packet.get_string())
+        return SignRequest(request_id, key_blob, data, flags, process, evidence)
 
     if message_type == MSG_SIGN_REPLY:
         return SignReply(request_id, packet.get_string())

@@ -44,6 +44,9 @@ class ApprovalRequest:
     process: ProcessInfo
     purpose: str          # "ssh-login", "sshsig:NAMESPACE" or "unknown"
     destination: str      # "user@host", "user@?" or ""
+    destination_verified: bool = False  # the host key signed the session and is known_hosts' key for host
+    host_key_fingerprint: str = ""      # of the server host key the session is bound to, if any
+    forwarded: bool = False             # the request came through a forwarded agent
 
     def environment(self) -> dict[str, str]:
         """The TPMSIGNER_* variables given to a ``command:`` approver."""
@@ -54,6 +57,9 @@ class ApprovalRequest:
             "TPMSIGNER_PROCESS": _printable(self.process.describe()),
             "TPMSIGNER_PURPOSE": _printable(self.purpose),
             "TPMSIGNER_DESTINATION": _printable(self.destination),
+            "TPMSIGNER_DESTINATION_VERIFIED": "yes" if self.destination_verified else "no",
+            "TPMSIGNER_HOST_KEY_FINGERPRINT": self.host_key_fingerprint,
+            "TPMSIGNER_FORWARDED": "yes" if self.forwarded else "no",
         }
 
     def summary(self) -> str:
@@ -66,7 +72,12 @@ class ApprovalRequest:
             f"  purpose:     {_printable(self.purpose)}",
         ]
         if self.destination:
-            lines.append(f"  destination: {_printable(self.destination)}")
+            state = "verified" if self.destination_verified else "NOT verified"
+            lines.append(f"  destination: {_printable(self.destination)} ({state})")
+        if self.host_key_fingerprint:
+            lines.append(f"  host key:    {self.host_key_fingerprint}")
+        if self.forwarded:
+            lines.append("  forwarded:   yes, through a forwarded agent on another host")
         return "\n".join(lines)
 
 

@@ -37,6 +37,7 @@ from ..protocol.messages import (
 )
 from ..protocol.signeddata import describe_signed_data
 from ..identities import sign_data
+from .destination import DestinationError, check_destination
 from ..store import Identity, KeyStore
 from .approvers import DEFAULT_APPROVAL_TIMEOUT, ApprovalRequest, Approver
 from .devices import Device, DeviceRegistry
@@ -297,6 +298,11 @@ class _AgentSession:
         # The signer reads the purpose from the data itself rather than
         # trusting the agent, so a compromised agent cannot disguise a request.
         info = describe_signed_data(request.data, request.key_blob)
+        try:
+            destination = check_destination(info, request.evidence)
+        except DestinationError as exc:
+            logger.warning("request #%d from device %r: %s; rejected", serial, device, exc)
+            return Failure(request_id, FailureCode.BAD_REQUEST, str(exc))
         approval = ApprovalRequest(
             request_id=serial,
             key_label=identity.label,
@@ -304,7 +310,10 @@ class _AgentSession:
             device=device,
             process=request.process,
             purpose=info.purpose,
-            destination=info.destination,
+            destination=destination.text,
+            destination_verified=destination.verified,
+            host_key_fingerprint=destination.host_key_fingerprint,
+            forwarded=destination.forwarded,
         )
         logger.info(
             "request #%d from device %r (%s): sign with %r %s for %s%s: asking for approval",
@@ -314,7 +323,7 @@ class _AgentSession:
             identity.label,
             identity.fingerprint,
             info.purpose,
-            f" to {info.destination}" if info.destination else "",
+            f" to {approval.destination}" if approval.destination else "",
         )
 
         pin = await self._ask(approval)

@@ -1,0 +1,154 @@
+"""Verified destinations: session-bind@openssh.com, known_hosts, and the signer's own check."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+
+import asyncssh
+from asyncssh.packet import Boolean, Byte, String
+
+from tpmsigner.protocol import channel
+from tpmsigner.protocol.messages import Failure, SignRequest, decode_message, encode_message
+from tpmsigner.protocol.sessionbind import BindingEvidence, SessionBind
+from tests.support.chain import Chain
+
+PIN = "4711-destination"
+
+
+def start(chain: Chain) -> str:
+    public_line = chain.keygen("work", PIN)
+    chain.pair()
+    chain.start_signer()
+    chain.start_agent()
+    return public_line
+
+
+def login(chain: Chain, sshd, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        sshd.ssh_command(chain.agent_socket, "echo logged-in", extra_options=list(extra)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def host_key_fingerprint(sshd) -> str:
+    result = subprocess.run(
+        ["ssh-keygen", "-lf", str(sshd.host_key) + ".pub"], capture_output=True, text=True, check=True
+    )
+    return result.stdout.split()[1]
+
+
+def test_login_shows_verified_destination(chain: Chain, sshd_factory) -> None:
+    public_line = start(chain)
+    sshd = sshd_factory(authorized_keys=[public_line])
+
+    result = login(chain, sshd)
+
+    assert result.returncode == 0, result.stderr
+    seen = chain.approver_requests()[0]
+    assert seen["TPMSIGNER_DESTINATION"] == f"{sshd.user}@127.0.0.1"
+    assert seen["TPMSIGNER_DESTINATION_VERIFIED"] == "yes"
+    assert seen["TPMSIGNER_HOST_KEY_FINGERPRINT"] == host_key_fingerprint(sshd)
+    assert seen["TPMSIGNER_FORWARDED"] == "no"
+
+
+def test_unknown_host_name_is_not_verified(chain: Chain, sshd_factory) -> None:
+    public_line = start(chain)
+    sshd = sshd_factory(authorized_keys=[public_line])
+    # ssh accepts any host key and has no known_hosts to name it from.
+    argv = [
+        "UserKnownHostsFile=/dev/null" if argument.startswith("UserKnownHostsFile=") else argument
+        for argument in sshd.ssh_command(chain.agent_socket, "echo logged-in")
+    ]
+    argv = ["StrictHostKeyChecking=no" if argument.startswith("StrictHostKeyChecking=") else argument for argument in argv]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+    assert result.returncode == 0, result.stderr
+    seen = chain.approver_requests()[0]
+    assert seen["TPMSIGNER_DESTINATION"] == f"{sshd.user}@127.0.0.1"
+    assert seen["TPMSIGNER_DESTINATION_VERIFIED"] == "no"
+    assert seen["TPMSIGNER_HOST_KEY_FINGERPRINT"] == host_key_fingerprint(sshd)
+
+
+def test_query_extension_lists_session_bind(chain: Chain) -> None:
+    start(chain)
+
+    async def query() -> list[str]:
+        async with asyncssh.connect_agent(str(chain.agent_socket)) as agent:
+            return list(await agent.query_extensions())
+
+    assert asyncio.run(asyncio.wait_for(query(), 30)) == ["query", "session-bind@openssh.com"]
+
+
+def test_second_hop_is_marked_forwarded(chain: Chain, sshd_factory) -> None:
+    public_line = start(chain)
+    second = sshd_factory(authorized_keys=[public_line])
+    first = sshd_factory(authorized_keys=[public_line], extra_config=["AllowAgentForwarding yes"])
+    # On the first host, ssh reaches the second through the forwarded agent.
+    inner = " ".join(
+        [
+            "ssh -F /dev/null -o BatchMode=yes -o StrictHostKeyChecking=yes",
+            f"-o UserKnownHostsFile={second.known_hosts_file} -o IdentitiesOnly=no",
+            f"-o IdentityFile={second.workdir / 'none'}",
+            f"-p {second.port} {second.user}@127.0.0.1 echo second-hop",
+        ]
+    )
+
+    result = subprocess.run(
+        first.ssh_command(chain.agent_socket, inner, extra_options=["-A"]),
+        capture_output=True,
+        text=True,
+        timeout=90,
+        stdin=subprocess.DEVNULL,
+    )
+
+    assert result.returncode == 0, result.stderr + first.log_text()
+    assert "second-hop" in result.stdout
+    requests = chain.approver_requests()
+    assert len(requests) == 2
+    assert requests[0]["TPMSIGNER_FORWARDED"] == "no"
+    assert requests[0]["TPMSIGNER_DESTINATION_VERIFIED"] == "yes"
+    assert requests[1]["TPMSIGNER_FORWARDED"] == "yes"
+    assert requests[1]["TPMSIGNER_HOST_KEY_FINGERPRINT"] == host_key_fingerprint(second)
+    assert requests[1]["TPMSIGNER_DESTINATION_VERIFIED"] == "no"
+
+
+def test_signer_rejects_forged_binding(chain: Chain, swtpm) -> None:
+    """An agent that claims a host key which did not sign the session gets nothing."""
+    public_line = chain.keygen("work", PIN)
+    agent_key = channel.StaticKey.generate()
+    chain.tpmsigner("allow", "forger", channel.format_public_key(agent_key.public))
+    chain.start_signer()
+    signer_key = channel.parse_public_key(chain.tpmsigner("id").stdout)
+
+    key_blob = asyncssh.import_public_key(public_line).public_data
+    session_id = b"\x11" * 32
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    other_session_signature = host_key.sign(b"\x22" * 32, b"ssh-ed25519")
+    userauth = (
+        String(session_id) + Byte(50) + String("root") + String("ssh-connection") + String("publickey")
+        + Boolean(True) + String("ecdsa-sha2-nistp256") + String(key_blob)
+    )
+    evidence = BindingEvidence(
+        bind=SessionBind(host_key.public_data, session_id, other_session_signature, False),
+        forwarded=False,
+        host_name="trusted.example",
+        name_verified=True,
+    )
+
+    async def send() -> object:
+        reader, writer = await asyncio.open_connection("127.0.0.1", chain.signer_port)
+        secure = await channel.initiate(reader, writer, agent_key, signer_key)
+        await secure.send(encode_message(SignRequest(1, key_blob, userauth, 0, evidence=evidence)))
+        reply = decode_message(await asyncio.wait_for(secure.receive(), 30))
+        await secure.close()
+        return reply
+
+    reply = asyncio.run(send())
+
+    assert isinstance(reply, Failure)
+    assert "signature does not verify" in reply.message
+    assert chain.approver_requests() == []
