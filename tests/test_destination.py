@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 
 import asyncssh
+import pytest
 from asyncssh.packet import Boolean, Byte, String
 
 from tpmsigner.protocol import channel
@@ -152,3 +153,39 @@ def test_signer_rejects_forged_binding(chain: Chain, swtpm) -> None:
     assert isinstance(reply, Failure)
     assert "signature does not verify" in reply.message
     assert chain.approver_requests() == []
+
+
+def test_restricted_identity_signs_only_for_listed_host(chain: Chain, sshd_factory) -> None:
+    public_line = start(chain)
+    allowed = sshd_factory(authorized_keys=[public_line])
+    other = sshd_factory(authorized_keys=[public_line])
+    chain.tpmsigner("restrict", "work", "--host-key", str(allowed.host_key) + ".pub")
+
+    to_other = login(chain, other)
+    to_allowed = login(chain, allowed)
+
+    assert to_other.returncode == 255
+    assert to_allowed.returncode == 0, to_allowed.stderr
+    assert len(chain.approver_requests()) == 1
+    assert chain.signer is not None
+    assert "may only log in to 1 listed host keys" in chain.signer.log_text()
+    shown = chain.tpmsigner("show", "work").stdout
+    assert host_key_fingerprint(allowed) in shown
+
+
+def test_restricted_identity_refuses_other_purposes(chain: Chain, sshd_factory) -> None:
+    public_line = start(chain)
+    allowed = sshd_factory(authorized_keys=[public_line])
+    chain.tpmsigner("restrict", "work", "--host-key", str(allowed.host_key) + ".pub")
+
+    async def sign() -> bytes:
+        async with asyncssh.connect_agent(str(chain.agent_socket)) as agent:
+            keys = await agent.get_keys()
+            return await keys[0].sign_async(b"not a login")
+
+    with pytest.raises(ValueError, match="Unable to sign"):
+        asyncio.run(asyncio.wait_for(sign(), 30))
+    assert chain.approver_requests() == []
+
+    chain.tpmsigner("unrestrict", "work")
+    assert asyncssh.import_public_key(public_line).verify(b"not a login", asyncio.run(asyncio.wait_for(sign(), 30)))

@@ -72,6 +72,9 @@ class Identity:
     enabled: bool = True
     last_used: str | None = None    # ISO 8601, UTC, of the last signature
     description: str | None = None  # from an imported key file, if it had one
+    # SHA256 fingerprints of the only server host keys this identity may log
+    # in to; empty means no restriction.
+    allowed_host_keys: tuple[str, ...] = ()
 
     @property
     def public_key(self) -> SshPublicKey:
@@ -84,6 +87,7 @@ class Identity:
     def to_json(self) -> dict[str, object]:
         record = asdict(self)
         record["public_key_blob"] = base64.b64encode(self.public_key_blob).decode("ascii")
+        record["allowed_host_keys"] = list(self.allowed_host_keys)
         record["version"] = METADATA_VERSION
         return record
 
@@ -101,10 +105,13 @@ class Identity:
                 enabled=_field(record, "enabled", bool),
                 last_used=_field(record, "last_used", str, optional=True),
                 description=_field(record, "description", str, optional=True),
+                allowed_host_keys=tuple(_field(record, "allowed_host_keys", list, optional=True) or ()),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise KeyFileError(f"{source}: missing or invalid field: {exc}") from None
 
+        if not all(isinstance(item, str) and item.startswith("SHA256:") for item in identity.allowed_host_keys):
+            raise KeyFileError(f"{source}: allowed_host_keys must be a list of SHA256: fingerprints")
         if fingerprint_of_blob(identity.public_key_blob) != identity.fingerprint:
             raise KeyFileError(f"{source}: the fingerprint does not match the public key")
         return identity
@@ -120,6 +127,7 @@ class Identity:
             "enabled": self.enabled,
             "last_used": self.last_used,
             "description": self.description,
+            "allowed_host_keys": list(self.allowed_host_keys),
         }
 
 
@@ -214,6 +222,12 @@ class KeyStore:
 
     def set_enabled(self, label: str, enabled: bool) -> Identity:
         identity = replace(self.get(label), enabled=enabled)
+        self._write_metadata(identity)
+        return identity
+
+    def set_allowed_host_keys(self, label: str, fingerprints: tuple[str, ...]) -> Identity:
+        """Restrict ``label`` to logins to these host keys; an empty tuple lifts the restriction."""
+        identity = replace(self.get(label), allowed_host_keys=tuple(fingerprints))
         self._write_metadata(identity)
         return identity
 

@@ -1,4 +1,4 @@
-"""keygen, list, show, enable, disable, delete, rotate, change-pin and import."""
+"""keygen, list, show, enable, disable, delete, rotate, change-pin, restrict and import."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import asyncssh
+
 from ..errors import ConfigError, IdentityExistsError, KeyFileError
 from ..identities import create_identity
 from ..keyfile import read_key_file
 from ..keytypes import key_type_by_name
+from ..protocol.sshkeys import fingerprint_of_blob
 from ..store import validate_label
 from ..tpm import key_type_of
 from .common import confirm, key_store, open_tpm, print_json, print_table, read_new_pin, read_pin
@@ -62,6 +65,7 @@ def command_show(args: argparse.Namespace) -> int:
             ("enabled:", "yes" if identity.enabled else "no"),
             ("last used:", identity.last_used or "never"),
             *([("description:", identity.description)] if identity.description else []),
+            *[("only for host:", fingerprint) for fingerprint in identity.allowed_host_keys],
         ]
     )
     return 0
@@ -157,6 +161,29 @@ def command_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_restrict(args: argparse.Namespace) -> int:
+    fingerprints = []
+    for path in args.host_key:
+        try:
+            line = Path(path).read_text().strip().splitlines()[0]
+            key = asyncssh.import_public_key(line)
+        except (OSError, IndexError, ValueError, asyncssh.KeyImportError) as exc:
+            raise ConfigError(f"cannot read a host public key from {path}: {exc}") from None
+        fingerprints.append(fingerprint_of_blob(key.public_data))
+    identity = key_store(args).set_allowed_host_keys(args.label, tuple(dict.fromkeys(fingerprints)))
+    print(
+        f"identity {identity.label!r} now signs only logins to: {', '.join(identity.allowed_host_keys)}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def command_unrestrict(args: argparse.Namespace) -> int:
+    key_store(args).set_allowed_host_keys(args.label, ())
+    print(f"identity {args.label!r} is no longer restricted to particular hosts", file=sys.stderr)
+    return 0
+
+
 def add_parsers(commands) -> None:
     """Add the identity subcommands to ``commands`` (an argparse subparsers object)."""
     keygen = commands.add_parser("keygen", help="create a key in the TPM and print its OpenSSH public key")
@@ -202,6 +229,21 @@ def add_parsers(commands) -> None:
     change_pin.add_argument("--pin-file", help="read the current PIN from the first line of this file")
     change_pin.add_argument("--new-pin-file", help="read the new PIN from the first line of this file")
     change_pin.set_defaults(handler=command_change_pin)
+
+    restrict = commands.add_parser("restrict", help="let an identity sign only logins to given host keys")
+    restrict.add_argument("label")
+    restrict.add_argument(
+        "--host-key",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="a server's public host key file, e.g. ssh_host_ed25519_key.pub (repeatable)",
+    )
+    restrict.set_defaults(handler=command_restrict)
+
+    unrestrict = commands.add_parser("unrestrict", help="lift an identity's host key restriction")
+    unrestrict.add_argument("label")
+    unrestrict.set_defaults(handler=command_unrestrict)
 
     import_parser = commands.add_parser("import", help="adopt a TSS2 PRIVATE KEY file made for this TPM")
     import_parser.add_argument("file", help="the key file, e.g. an ssh-tpm-agent .tpm file")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..cliutil import serve_until_signal
+from ..discovery import SIGNER_SERVICE, Advertiser
 from ..errors import ConfigError
 from ..fsutil import ensure_private_dir
 from ..protocol.channel import StaticKey, format_public_key, parse_public_key, public_key_fingerprint
@@ -78,14 +79,27 @@ def command_serve(args: argparse.Namespace) -> int:
         config=SignerConfig(host=host, port=port, approval_timeout=args.approval_timeout),
     )
 
+    advertiser: Advertiser | None = None
+
     async def start() -> None:
+        nonlocal advertiser
         try:
             await server.start()
         except OSError as exc:
             raise ConfigError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from None
+        if args.mdns:
+            advertiser = Advertiser(
+                SIGNER_SERVICE, server.port, public_key_fingerprint(static_key.public), host, args.interface
+            )
+            await advertiser.start()
+
+    async def close() -> None:
+        if advertiser is not None:
+            await advertiser.close()
+        await server.close()
 
     try:
-        serve_until_signal(start, server.close)
+        serve_until_signal(start, close)
     finally:
         worker.close()
     return 0
@@ -110,4 +124,19 @@ def add_parsers(commands) -> None:
         default=DEFAULT_APPROVAL_TIMEOUT,
         help=f"seconds to wait for an approval before refusing (default: {DEFAULT_APPROVAL_TIMEOUT:g})",
     )
+    add_mdns_options(serve, "_tpmsigner._tcp")
     serve.set_defaults(handler=command_serve)
+
+
+def add_mdns_options(parser: argparse.ArgumentParser, service: str) -> None:
+    parser.add_argument(
+        "--no-mdns", dest="mdns", action="store_false", help=f"do not advertise {service} over mDNS (zeroconf)"
+    )
+    parser.add_argument(
+        "--interface",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="advertise over mDNS only on the interface with this IP address, or with this name; may be repeated "
+        "(default: the interface of the --listen address, or every interface when listening on all)",
+    )

@@ -48,6 +48,10 @@ logger = logging.getLogger(__name__)
 # Requests one agent may have in flight at once.  More than a handful means
 # a runaway or hostile client, and each sign request may hold a prompt.
 MAX_PENDING_PER_CONNECTION = 16
+# How often serve checks devices.json for revoked devices with idle
+# connections, and the least time between two last-seen writes per device.
+REVOCATION_CHECK_INTERVAL = 1.0
+LAST_SEEN_INTERVAL = 60.0
 
 
 @dataclass
@@ -85,6 +89,10 @@ class SignerServer:
         # Anyone who can reach the port can fail a handshake, as often as
         # they like, so those warnings are rate-limited.
         self._handshake_log = RateLimitedLogger(logger)
+        self._sessions: set[_AgentSession] = set()
+        self._revocation_task: asyncio.Task[None] | None = None
+        self._devices_file_state: tuple[int, int, int] | None = None
+        self._last_seen_written: dict[bytes, float] = {}
 
     def next_serial(self) -> int:
         return next(self._serials)
@@ -97,6 +105,7 @@ class SignerServer:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, self.config.host, self.config.port)
+        self._revocation_task = asyncio.create_task(self._watch_revocations())
         logger.info(
             "signer listening on %s port %d, Noise key %s",
             self.config.host,
@@ -107,6 +116,8 @@ class SignerServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._revocation_task is not None:
+            self._revocation_task.cancel()
         for task in list(self._connections):
             task.cancel()
         if self._connections:
@@ -150,8 +161,67 @@ class SignerServer:
         device = trusted[secure.remote_static]
         logger.info("device %r connected from %s", device.name, address)
         session = _AgentSession(self, secure, device, address)
-        await session.run()
+        self._sessions.add(session)
+        self.note_device_seen(device, address)
+        try:
+            await session.run()
+        finally:
+            self._sessions.discard(session)
         logger.info("device %r at %s disconnected", device.name, address)
+
+
+    async def _watch_revocations(self) -> None:
+        """Close idle connections of revoked devices within about REVOCATION_CHECK_INTERVAL.
+
+        A connection with a request in flight is also caught by the check
+        that each request makes; this covers connections that send nothing.
+        """
+        while True:
+            await asyncio.sleep(REVOCATION_CHECK_INTERVAL)
+            try:
+                self._close_revoked_sessions()
+            except Exception:  # noqa: BLE001 - the watch must outlive one bad check
+                logger.exception("checking for revoked devices failed")
+
+    def _close_revoked_sessions(self) -> None:
+        if not self._sessions:
+            self._devices_file_state = None
+            return
+        # The file is replaced atomically on every change, so its inode,
+        # modification time and size change too; re-reading it every
+        # second otherwise would be wasted work.
+        try:
+            info = self.devices.path.stat()
+            state = (info.st_ino, info.st_mtime_ns, info.st_size)
+        except FileNotFoundError:
+            state = None
+        if state is not None and state == self._devices_file_state:
+            return
+        self._devices_file_state = state
+        try:
+            allowed = {device.public_key for device in self.devices.load()}
+        except ConfigError as exc:
+            logger.error("cannot read the trusted devices: %s; closing every connection", exc)
+            allowed = set()
+        for session in list(self._sessions):
+            if session.secure.remote_static not in allowed:
+                logger.warning(
+                    "device %r at %s is no longer allowed; closing its connection", session.device.name, session.address
+                )
+                self._sessions.discard(session)
+                asyncio.create_task(session.secure.close())
+
+    def note_device_seen(self, device: Device, address: str) -> None:
+        """Record ``address`` and the time as the device's last contact, at most once per LAST_SEEN_INTERVAL."""
+        now = asyncio.get_running_loop().time()
+        last = self._last_seen_written.get(device.public_key)
+        if last is not None and now - last < LAST_SEEN_INTERVAL:
+            return
+        self._last_seen_written[device.public_key] = now
+        try:
+            self.devices.record_seen(device.public_key, address)
+        except (ConfigError, OSError) as exc:
+            logger.error("device %r: cannot record its last contact in %s: %s", device.name, self.devices.path, exc)
 
 
 class _AgentSession:
@@ -175,6 +245,7 @@ class _AgentSession:
                     return
                 if not self._still_allowed():
                     return
+                self.server.note_device_seen(self.device, self.address)
                 await self._dispatch(payload)
         finally:
             for task in self._pending:
@@ -303,6 +374,19 @@ class _AgentSession:
         except DestinationError as exc:
             logger.warning("request #%d from device %r: %s; rejected", serial, device, exc)
             return Failure(request_id, FailureCode.BAD_REQUEST, str(exc))
+        if identity.allowed_host_keys and destination.host_key_fingerprint not in identity.allowed_host_keys:
+            # Only a login whose binding the signer verified itself can name
+            # a host key, so an agent cannot talk its way past this.
+            logger.warning(
+                "request #%d from device %r: key %r may only log in to %d listed host keys, not %s; rejected",
+                serial,
+                device,
+                identity.label,
+                len(identity.allowed_host_keys),
+                destination.host_key_fingerprint or "an unbound session",
+            )
+            return Failure(request_id, FailureCode.DENIED, f"key {identity.label!r} is restricted to other hosts")
+
         approval = ApprovalRequest(
             request_id=serial,
             key_label=identity.label,
