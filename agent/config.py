@@ -1,7 +1,9 @@
 """The agent's home: its Noise key and the signers it trusts.
 
 ``signers.json``: ``{"version": 1, "signers": {NAME: {"address": "HOST:PORT",
-"key": KEY}}}`` with KEY in the form that ``tpmsigner id`` prints.
+"key": KEY}}}`` with KEY in the form that ``tpmsigner id`` prints.  The
+address ``mdns`` means the signer has no fixed address: the agent finds it
+over mDNS by the fingerprint of KEY each time it connects.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ SIGNERS_VERSION = 1
 NOISE_KEY_FILE = "noise-static-key.pem"
 SIGNERS_FILE = "signers.json"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+MDNS_ADDRESS = "mdns"
 
 
 def default_home() -> Path:
@@ -41,9 +44,19 @@ def parse_address(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def parse_signer_address(value: str) -> tuple[str, int]:
+    """Split ``HOST:PORT``, or return ``("", 0)`` for ``mdns`` (or ``-``): an address found over mDNS."""
+    if value in (MDNS_ADDRESS, "-"):
+        return "", 0
+    return parse_address(value)
+
+
 @dataclass(frozen=True)
 class PinnedSigner:
-    """A signer the agent talks to, and the Noise key it must present."""
+    """A signer the agent talks to, and the Noise key it must present.
+
+    ``host`` is empty and ``port`` 0 for a signer found over mDNS.
+    """
 
     name: str
     host: str
@@ -51,7 +64,13 @@ class PinnedSigner:
     public_key: bytes
 
     @property
+    def uses_mdns(self) -> bool:
+        return not self.host
+
+    @property
     def address(self) -> str:
+        if self.uses_mdns:
+            return MDNS_ADDRESS
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
@@ -74,32 +93,36 @@ class AgentHome:
                 raise ValueError(f"unsupported version {record.get('version')!r}")
             signers = []
             for name, entry in sorted(record["signers"].items()):
-                host, port = parse_address(entry["address"])
+                host, port = parse_signer_address(entry["address"])
                 signers.append(PinnedSigner(name, host, port, parse_public_key(entry["key"])))
         except (OSError, ValueError, KeyError, AttributeError, TypeError, ConfigError) as exc:
             raise ConfigError(f"cannot read the trusted signers file {path}: {exc}") from None
         return signers
 
-    def trust(self, name: str, address: str, key_text: str, replace: bool = False) -> PinnedSigner:
-        """Pin a signer under ``name``.
-
-        An earlier entry of that name with another key is replaced only when
-        ``replace`` is true; a new address for the same key is always taken.
-        """
+    def check_trust(self, name: str, public_key: bytes, replace: bool = False) -> None:
+        """Raise ConfigError if pinning ``public_key`` as ``name`` would be rejected."""
         if not NAME_PATTERN.fullmatch(name):
             raise ConfigError(
                 f"invalid signer name {name!r}: use 1 to 64 letters, digits or . _ @ + -, "
                 "starting with a letter or digit"
             )
-        host, port = parse_address(address)
-        signer = PinnedSigner(name, host, port, parse_public_key(key_text))
-        existing = {pinned.name: pinned for pinned in self.signers()}
-        previous = existing.get(name)
-        if previous is not None and previous.public_key != signer.public_key and not replace:
+        previous = next((pinned for pinned in self.signers() if pinned.name == name), None)
+        if previous is not None and previous.public_key != public_key and not replace:
             raise ConfigError(
                 f"signer {name!r} is already pinned with key {public_key_fingerprint(previous.public_key)}; "
                 "to replace that key, run the command again with --replace"
             )
+
+    def trust(self, name: str, address: str, key_text: str, replace: bool = False) -> PinnedSigner:
+        """Pin a signer under ``name``; ``address`` is HOST:PORT, or ``mdns`` (or ``-``) to find it over mDNS.
+
+        An earlier entry of that name with another key is replaced only when
+        ``replace`` is true; a new address for the same key is always taken.
+        """
+        host, port = parse_signer_address(address)
+        signer = PinnedSigner(name, host, port, parse_public_key(key_text))
+        self.check_trust(name, signer.public_key, replace)
+        existing = {pinned.name: pinned for pinned in self.signers()}
         entries = {s.name: {"address": s.address, "key": format_public_key(s.public_key)} for s in existing.values()}
         entries[name] = {"address": signer.address, "key": format_public_key(signer.public_key)}
         ensure_private_dir(self.path)

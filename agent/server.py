@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import socket
 import struct
 import time
 
-from tpmsigner.errors import ProtocolError, SignerError
+from tpmsigner.audit import AuditLog
+from tpmsigner.errors import ProtocolError, SignerError, TpmSignerError
 from tpmsigner.protocol.channel import StaticKey
 from tpmsigner.protocol.sessionbind import SESSION_BIND_EXTENSION, decode_session_bind, verify_session_bind
 from tpmsigner.protocol.signeddata import PURPOSE_SSH_LOGIN, describe_signed_data
 from tpmsigner.protocol.sshkeys import fingerprint_of_blob
 
 from . import wire
+from .audit import AuditEntry, outcome_for_failure
 from .config import PinnedSigner
 from .destination import BindingRejected, ConnectionBindings, evidence_for
 from .peer import PeerCredentials, peer_credentials, process_arguments, process_info
-from .signer_client import SignerClient
+from .signer_client import SignerClient, SignerUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +35,10 @@ MESSAGE_BODY_TIMEOUT = 10.0
 class AgentServer:
     """Serves the ssh-agent protocol on a UNIX socket for a set of signers."""
 
-    def __init__(self, signers: list[PinnedSigner], static_key: StaticKey) -> None:
+    def __init__(self, signers: list[PinnedSigner], static_key: StaticKey, audit_log: AuditLog | None = None) -> None:
         self.clients = [SignerClient(signer, static_key) for signer in signers]
+        self.audit_log = audit_log
+        self._audit_ids = itertools.count(1)
         self._key_owner: dict[bytes, SignerClient] = {}
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
@@ -199,10 +204,13 @@ class AgentServer:
             logger.warning("malformed sign request (%d bytes): %s", len(body), exc)
             return wire.FAILURE
 
+        request_id = next(self._audit_ids)
         started = time.monotonic()
         process = process_info(credentials)
         info = describe_signed_data(request.data, request.key_blob)
         fingerprint = fingerprint_of_blob(request.key_blob)
+        audit = AuditEntry(request_id, started, process, fingerprint, info)
+
         evidence = None
         if info.purpose == PURPOSE_SSH_LOGIN:
             try:
@@ -211,25 +219,44 @@ class AgentServer:
                 )
             except BindingRejected as exc:
                 logger.warning("sign request from %s for key %s rejected: %s", process.describe(), fingerprint, exc)
+                self._record(audit, "error", str(exc))
                 return wire.FAILURE
+        audit.evidence = evidence
+
         client = await self._owner_of(request.key_blob)
         if client is None:
             logger.info("sign request from %s for unknown key %s: failed", process.describe(), fingerprint)
+            self._record(audit, "error", "no trusted signer holds this key")
             return wire.FAILURE
+        audit.signer = client.signer.name
 
         logger.info(
             "sign request from %s: key %s, %s%s, sent to signer %r",
             process.describe(),
             fingerprint,
             info.purpose,
-            f" to {info.destination}" if info.destination else "",
+            f" to {info.user}@{evidence.host_name or '?'}" if evidence else (f" to {info.destination}" if info.destination else ""),
             client.signer.name,
         )
         try:
             signature = await client.sign(request.key_blob, request.data, request.flags, process, evidence)
+        except SignerUnavailableError as exc:
+            logger.info("sign request for %s failed after %.1f s: %s", fingerprint, time.monotonic() - started, exc)
+            self._record(audit, "unreachable", str(exc))
+            return wire.FAILURE
         except SignerError as exc:
             logger.info("sign request for %s failed after %.1f s: %s", fingerprint, time.monotonic() - started, exc)
+            self._record(audit, outcome_for_failure(exc.code), str(exc))
             return wire.FAILURE
 
         logger.info("sign request for %s approved after %.1f s", fingerprint, time.monotonic() - started)
+        self._record(audit, "approved", "")
         return wire.encode_sign_response(signature)
+
+    def _record(self, entry: AuditEntry, outcome: str, reason: str) -> None:
+        if self.audit_log is None:
+            return
+        try:
+            self.audit_log.append(entry.to_record(outcome, reason))
+        except (OSError, TpmSignerError) as exc:
+            logger.error("cannot write the audit log %s: %s", self.audit_log.path, exc)

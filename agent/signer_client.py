@@ -33,6 +33,8 @@ from .config import PinnedSigner
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
+# How long to look for a signer pinned with the address "mdns".
+MDNS_LOOKUP_TIMEOUT = 3.0
 LIST_TIMEOUT = 10.0
 # Longer than the signer's default approval timeout of 60 s, so the signer's
 # own TIMED_OUT reply normally arrives first.
@@ -130,17 +132,20 @@ class SignerClient:
         return await asyncio.shield(self._connecting)
 
     async def _open(self) -> channel.NoiseChannel:
-        address = self.signer.address
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.signer.host, self.signer.port), CONNECT_TIMEOUT
-            )
-        except (OSError, asyncio.TimeoutError) as exc:
-            reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else exc.strerror or str(exc)
-            raise SignerUnavailableError(
-                f"cannot connect to signer {self.signer.name!r} at {address}: {reason}; "
-                "check that 'tpmsigner serve' runs there and listens on that address"
-            ) from None
+        if self.signer.uses_mdns:
+            reader, writer, address = await self._open_by_mdns()
+        else:
+            address = self.signer.address
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(self.signer.host, self.signer.port), CONNECT_TIMEOUT
+                )
+            except (OSError, asyncio.TimeoutError) as exc:
+                reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else exc.strerror or str(exc)
+                raise SignerUnavailableError(
+                    f"cannot connect to signer {self.signer.name!r} at {address}: {reason}; "
+                    "check that 'tpmsigner serve' runs there and listens on that address"
+                ) from None
         try:
             secure = await channel.initiate(reader, writer, self.static_key, self.signer.public_key)
         except ChannelError as exc:
@@ -151,6 +156,24 @@ class SignerClient:
         self._secure = secure
         self._reader_task = asyncio.create_task(self._read_replies(secure))
         return secure
+
+    async def _open_by_mdns(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+        """Find the signer over mDNS by its key's fingerprint and connect to one of its addresses."""
+        from tpmsigner.discovery import SIGNER_SERVICE
+
+        from . import discovery
+
+        fingerprint = channel.public_key_fingerprint(self.signer.public_key)
+        services = await discovery.browse(SIGNER_SERVICE, MDNS_LOOKUP_TIMEOUT, fingerprint=fingerprint)
+        if not services:
+            raise SignerUnavailableError(
+                f"signer {self.signer.name!r} ({fingerprint}) was not found over mDNS within "
+                f"{MDNS_LOOKUP_TIMEOUT:g} s; check that 'tpmsigner serve' runs without --no-mdns on this network"
+            )
+        try:
+            return await discovery.open_first(services[0])
+        except OSError as exc:
+            raise SignerUnavailableError(f"signer {self.signer.name!r}: {exc}") from None
 
     async def _read_replies(self, secure: channel.NoiseChannel) -> None:
         received_any = False

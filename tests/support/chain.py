@@ -99,6 +99,8 @@ class Chain:
         self.set_decision("approve")
         self.set_approver_pin("")
         self.agent_socket = self.socket_dir / "agent.sock"
+        self.agent_audit_log = self.workdir / "state" / "tpmsigner-agent" / "audit.jsonl"
+        self.signer_audit_log = self.signer_home / "audit.jsonl"
         self._logs = 0
 
     # ---- the approver ------------------------------------------------------
@@ -120,6 +122,8 @@ class Chain:
     def environment(self) -> dict[str, str]:
         environment = dict(os.environ)
         environment["TPMSIGNER_TCTI"] = self.tcti
+        # The agent's audit log goes under $XDG_STATE_HOME.
+        environment["XDG_STATE_HOME"] = str(self.workdir / "state")
         environment.pop("TPMSIGNER_HOME", None)
         environment.pop("TPMSIGNER_AGENT_HOME", None)
         return environment
@@ -205,6 +209,9 @@ class Chain:
             approver or f"command:{self.approver_program}",
             "--approval-timeout",
             str(approval_timeout),
+            # mDNS would multicast on the host's interfaces; discovery tests
+            # run serve in a network namespace of their own instead.
+            "--no-mdns",
             *extra_args,
         ]
         signer = self._spawn("signer", argv, controlling_tty)

@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from ..audit import AuditLog
 from ..cliutil import serve_until_signal
 from ..discovery import SIGNER_SERVICE, Advertiser
 from ..errors import ConfigError
@@ -24,6 +25,7 @@ logger = logging.getLogger("tpmsigner")
 
 NOISE_KEY_FILE = "noise-static-key.pem"
 DEVICES_FILE = "devices.json"
+AUDIT_FILE = "audit.jsonl"
 
 
 def _static_key(home: Path) -> StaticKey:
@@ -77,6 +79,7 @@ def command_serve(args: argparse.Namespace) -> int:
         devices=DeviceRegistry(home / DEVICES_FILE),
         approver=approver,
         config=SignerConfig(host=host, port=port, approval_timeout=args.approval_timeout),
+        audit_log=AuditLog(home / AUDIT_FILE),
     )
 
     advertiser: Advertiser | None = None

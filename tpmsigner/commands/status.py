@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
+from ..audit import AuditLog
 from ..store import TpmBinding
+from .signer import AUDIT_FILE
 from .common import key_store, open_tpm, print_json, print_table, resolve_home
 
 
@@ -33,6 +35,7 @@ def command_status(args: argparse.Namespace) -> int:
             "total": len(identities),
             "enabled": sum(1 for identity in identities if identity.enabled),
         },
+        "last_request": AuditLog(resolve_home(args.home) / AUDIT_FILE).last(),
     }
     if args.json:
         print_json(status)
@@ -53,6 +56,15 @@ def command_status(args: argparse.Namespace) -> int:
     for handle, name in sorted(recorded.items()):
         rows.append(("storage key:", f"{handle}, name {name}"))
     rows.append(("identities:", f"{status['identities']['total']} ({status['identities']['enabled']} enabled)"))
+    last = status["last_request"]
+    if isinstance(last, dict):
+        rows.append(
+            (
+                "last request:",
+                f"{last.get('time')} {last.get('outcome')}: {last.get('purpose', '?')} with "
+                f"{last.get('key_label', last.get('key_fingerprint'))} from device {last.get('device')}",
+            )
+        )
     print_table(rows)
     return 0
 

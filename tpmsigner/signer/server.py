@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 
+from ..audit import AuditLog
 from ..errors import (
     ChannelError,
+    TpmSignerError,
     ConfigError,
     IdentityNotFoundError,
     KeyStoreError,
@@ -36,6 +39,7 @@ from ..protocol.messages import (
     request_id_of,
 )
 from ..protocol.signeddata import describe_signed_data
+from ..protocol.sshkeys import fingerprint_of_blob
 from ..identities import sign_data
 from .destination import DestinationError, check_destination
 from ..store import Identity, KeyStore
@@ -74,6 +78,7 @@ class SignerServer:
         devices: DeviceRegistry,
         approver: Approver,
         config: SignerConfig,
+        audit_log: AuditLog | None = None,
     ) -> None:
         self.store = store
         self.worker = worker
@@ -81,6 +86,7 @@ class SignerServer:
         self.devices = devices
         self.approver = approver
         self.config = config
+        self.audit_log = audit_log
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
         # Request numbers for logs and prompts, unique in this signer run;
@@ -96,6 +102,15 @@ class SignerServer:
 
     def next_serial(self) -> int:
         return next(self._serials)
+
+    def audit(self, record: dict[str, object]) -> None:
+        """Append a request's record to the signer's audit log, if it has one."""
+        if self.audit_log is None:
+            return
+        try:
+            self.audit_log.append(record)
+        except (OSError, TpmSignerError) as exc:
+            logger.error("cannot write the audit log %s: %s", self.audit_log.path, exc)
 
     @property
     def port(self) -> int:
@@ -224,6 +239,14 @@ class SignerServer:
             logger.error("device %r: cannot record its last contact in %s: %s", device.name, self.devices.path, exc)
 
 
+_OUTCOMES_BY_CODE = {
+    FailureCode.DENIED: "denied",
+    FailureCode.WRONG_PIN: "wrong_pin",
+    FailureCode.LOCKED_OUT: "locked_out",
+    FailureCode.TIMED_OUT: "timed_out",
+}
+
+
 class _AgentSession:
     """One authenticated agent connection."""
 
@@ -344,8 +367,28 @@ class _AgentSession:
         )
 
     async def _sign(self, request: SignRequest) -> Message:
-        request_id = request.request_id
+        """Handle a sign request and record its outcome in the signer's audit log."""
         serial = self.server.next_serial()
+        record: dict[str, object] = {
+            "request_id": serial,
+            "device": self.device.name,
+            "address": self.address,
+            "process": request.process.describe(),
+            "key_fingerprint": fingerprint_of_blob(request.key_blob),
+        }
+        started = time.monotonic()
+        reply = await self._sign_checked(request, serial, record)
+        if isinstance(reply, SignReply):
+            record.update(outcome="approved", reason="")
+        else:
+            assert isinstance(reply, Failure)
+            record.update(outcome=_OUTCOMES_BY_CODE.get(reply.code, "error"), reason=reply.message)
+        record["latency_ms"] = round((time.monotonic() - started) * 1000)
+        self.server.audit(record)
+        return reply
+
+    async def _sign_checked(self, request: SignRequest, serial: int, record: dict[str, object]) -> Message:
+        request_id = request.request_id
         device = self.device.name
         try:
             identity = self.server.store.find_by_public_key(request.key_blob)
@@ -387,6 +430,17 @@ class _AgentSession:
             )
             return Failure(request_id, FailureCode.DENIED, f"key {identity.label!r} is restricted to other hosts")
 
+        record.update(
+            key_label=identity.label,
+            purpose=info.purpose,
+            destination={
+                "user": info.user,
+                "host": destination.text.rpartition("@")[2] if destination.text else None,
+                "host_key_fingerprint": destination.host_key_fingerprint or None,
+                "verified": destination.verified,
+                "forwarded": destination.forwarded,
+            },
+        )
         approval = ApprovalRequest(
             request_id=serial,
             key_label=identity.label,

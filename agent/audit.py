@@ -1,0 +1,73 @@
+"""The agent's audit log: one hash-chained JSON line per sign request.
+
+The log lives in ``$XDG_STATE_HOME/tpmsigner-agent/audit.jsonl`` (mode
+0600) unless ``run --audit-log`` names another file.  ``tpmsigner-agent
+audit`` prints it and ``audit verify`` checks the chain; the format is that
+of ``tpmsigner.audit``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from tpmsigner.protocol.messages import UNKNOWN_ID, FailureCode, ProcessInfo
+from tpmsigner.protocol.sessionbind import BindingEvidence
+from tpmsigner.protocol.signeddata import SignedDataInfo
+
+
+def default_audit_path() -> Path:
+    state_home = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state_home) / "tpmsigner-agent" / "audit.jsonl"
+
+
+def outcome_for_failure(code: int) -> str:
+    """Map a signer failure code to an audit outcome."""
+    return _OUTCOMES_BY_CODE.get(code, "error")
+
+
+_OUTCOMES_BY_CODE = {
+    FailureCode.DENIED: "denied",
+    FailureCode.WRONG_PIN: "wrong_pin",
+    FailureCode.LOCKED_OUT: "locked_out",
+    FailureCode.TIMED_OUT: "timed_out",
+}
+
+
+class AuditEntry:
+    """What the agent knows about one sign request, collected as it goes."""
+
+    def __init__(
+        self, request_id: int, started: float, process: ProcessInfo, fingerprint: str, info: SignedDataInfo
+    ) -> None:
+        self.request_id = request_id
+        self.started = started
+        self.process = process
+        self.fingerprint = fingerprint
+        self.info = info
+        self.evidence: BindingEvidence | None = None
+        self.signer = ""
+
+    def to_record(self, outcome: str, reason: str) -> dict[str, object]:
+        evidence = self.evidence
+        return {
+            "request_id": self.request_id,
+            "pid": None if self.process.pid == UNKNOWN_ID else self.process.pid,
+            "uid": None if self.process.uid == UNKNOWN_ID else self.process.uid,
+            "executable": self.process.executable,
+            "command_line": self.process.command_line,
+            "key_fingerprint": self.fingerprint,
+            "purpose": self.info.purpose,
+            "destination": {
+                "user": self.info.user,
+                "host": evidence.host_name if evidence else None,
+                "host_key_fingerprint": evidence.bind.host_key_fingerprint if evidence else None,
+                "verified": bool(evidence and evidence.name_verified and evidence.host_name),
+                "forwarded": bool(evidence and evidence.forwarded),
+            },
+            "signer": self.signer,
+            "outcome": outcome,
+            "reason": reason,
+            "latency_ms": round((time.monotonic() - self.started) * 1000),
+        }

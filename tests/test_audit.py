@@ -1,0 +1,140 @@
+"""The agent's and the signer's audit logs, against real logins."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+
+import asyncssh
+import pytest
+
+from tests.support.chain import Chain
+
+PIN = "4711-audit-log"
+
+
+def start(chain: Chain) -> str:
+    public_line = chain.keygen("work", PIN)
+    chain.pair()
+    chain.start_signer()
+    chain.start_agent()
+    return public_line
+
+
+def login(chain: Chain, sshd) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        sshd.ssh_command(chain.agent_socket, "true"), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+    )
+
+
+def records(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_agent_audit_records_each_outcome(chain: Chain, sshd_factory) -> None:
+    public_line = start(chain)
+    sshd = sshd_factory(authorized_keys=[public_line])
+
+    assert login(chain, sshd).returncode == 0
+    chain.set_decision("deny")
+    assert login(chain, sshd).returncode == 255
+    chain.set_decision("approve")
+    chain.set_approver_pin("wrong-pin-value")
+    assert login(chain, sshd).returncode == 255
+
+    entries = records(chain.agent_audit_log)
+    assert [entry["outcome"] for entry in entries] == ["approved", "denied", "wrong_pin"]
+    first = entries[0]
+    assert first["purpose"] == "ssh-login"
+    assert first["destination"]["user"] == sshd.user
+    assert first["destination"]["host"] == "127.0.0.1"
+    assert first["destination"]["verified"] is True
+    assert first["destination"]["forwarded"] is False
+    assert first["destination"]["host_key_fingerprint"].startswith("SHA256:")
+    assert first["executable"].endswith("/ssh")
+    assert f"-p {sshd.port}" in first["command_line"]
+    assert first["uid"] == os.getuid()
+    assert first["signer"] == "test-signer"
+    assert isinstance(first["latency_ms"], int)
+    assert os.stat(chain.agent_audit_log).st_mode & 0o777 == 0o600
+    text = chain.agent_audit_log.read_text()
+    assert PIN not in text
+    assert "wrong-pin-value" not in text
+
+
+def test_agent_audit_records_unreachable_signer(chain: Chain) -> None:
+    start(chain)
+
+    async def list_then_sign() -> None:
+        async with asyncssh.connect_agent(str(chain.agent_socket)) as agent:
+            keys = await agent.get_keys()
+            # The signer goes away between the listing and the signature.
+            assert chain.signer is not None
+            chain.signer.kill()
+            with pytest.raises(ValueError):
+                await keys[0].sign_async(b"data")
+
+    asyncio.run(asyncio.wait_for(list_then_sign(), 60))
+
+    entries = records(chain.agent_audit_log)
+    assert entries[-1]["outcome"] == "unreachable"
+    assert "signer" in entries[-1]["reason"]
+
+
+def test_audit_verify_finds_edited_line(chain: Chain, sshd_factory) -> None:
+    public_line = start(chain)
+    sshd = sshd_factory(authorized_keys=[public_line])
+    for _ in range(3):
+        assert login(chain, sshd).returncode == 0
+
+    intact = chain.tpmsigner_agent("audit", "verify", "--file", str(chain.agent_audit_log))
+    assert intact.returncode == 0
+    assert "3 entries, chain intact" in intact.stdout
+
+    lines = chain.agent_audit_log.read_text().splitlines()
+    lines[1] = lines[1].replace('"approved"', '"denied"')
+    chain.agent_audit_log.write_text("\n".join(lines) + "\n")
+    edited = chain.tpmsigner_agent("audit", "verify", "--file", str(chain.agent_audit_log), check=False)
+    assert edited.returncode == 1
+    assert "line 3" in edited.stderr
+
+    del lines[1]
+    chain.agent_audit_log.write_text("\n".join(lines) + "\n")
+    removed = chain.tpmsigner_agent("audit", "verify", "--file", str(chain.agent_audit_log), check=False)
+    assert removed.returncode == 1
+    assert "line 2" in removed.stderr
+
+
+def test_audit_prints_readably(chain: Chain, sshd_factory) -> None:
+    public_line = start(chain)
+    sshd = sshd_factory(authorized_keys=[public_line])
+    assert login(chain, sshd).returncode == 0
+
+    shown = chain.tpmsigner_agent("audit", "--file", str(chain.agent_audit_log)).stdout
+    as_json = chain.tpmsigner_agent("audit", "--json", "--file", str(chain.agent_audit_log)).stdout
+    future = chain.tpmsigner_agent("audit", "--since", "2999-01-01", "--file", str(chain.agent_audit_log)).stdout
+
+    assert f"approved     ssh-login {sshd.user}@127.0.0.1 (verified)" in shown
+    assert json.loads(as_json.splitlines()[0])["outcome"] == "approved"
+    assert future == ""
+
+
+def test_signer_audit_and_status_show_last_request(chain: Chain, sshd_factory) -> None:
+    public_line = start(chain)
+    sshd = sshd_factory(authorized_keys=[public_line])
+    assert login(chain, sshd).returncode == 0
+    chain.set_decision("deny")
+    assert login(chain, sshd).returncode == 255
+
+    entries = records(chain.signer_audit_log)
+    status = json.loads(chain.tpmsigner("status", "--json").stdout)
+
+    assert [entry["outcome"] for entry in entries] == ["approved", "denied"]
+    assert entries[0]["device"] == "test-laptop"
+    assert entries[0]["key_label"] == "work"
+    assert entries[0]["destination"]["verified"] is True
+    assert status["last_request"]["outcome"] == "denied"
+    assert "last request:" in chain.tpmsigner("status").stdout
+    assert PIN not in chain.signer_audit_log.read_text()

@@ -1,0 +1,166 @@
+"""An append-only, hash-chained audit log of signature requests (JSON lines).
+
+Each line is a JSON object with a ``prev`` field: the SHA-256 of the line
+before it, as hex (64 zeros for the first line).  Editing, removing or
+reordering a line breaks the chain at that point, which ``verify`` reports.
+Someone who can write the file can still rebuild a whole new chain, so the
+chain shows accidents and clumsy edits, not a determined attacker with write
+access; copying the log off the host regularly closes that gap.
+
+Lines never contain a PIN or the data that was signed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .errors import ConfigError
+from .fsutil import ensure_private_dir
+
+GENESIS = "0" * 64
+
+# Outcomes a request can end with, as recorded in the ``outcome`` field.
+OUTCOMES = ("approved", "denied", "wrong_pin", "locked_out", "timed_out", "unreachable", "error")
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """The first line where the chain breaks, if any."""
+
+    lines: int
+    first_bad_line: int | None = None   # 1-based
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.first_bad_line is None
+
+
+def line_hash(line: bytes) -> str:
+    return hashlib.sha256(line.rstrip(b"\n")).hexdigest()
+
+
+def utc_timestamp() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class AuditLog:
+    """One audit log file; appends are serialised and flushed to disk."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._last_hash: str | None = None
+
+    def append(self, record: dict[str, object]) -> dict[str, object]:
+        """Append ``record`` with its time and chain fields; return what was written."""
+        with self._lock:
+            if self._last_hash is None:
+                self._last_hash = self._hash_of_last_line()
+            entry = {"time": utc_timestamp(), **record, "prev": self._last_hash}
+            line = json.dumps(entry, sort_keys=True, separators=(",", ":")).encode("utf-8")
+            ensure_private_dir(self.path.parent)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._last_hash = line_hash(line)
+            return entry
+
+    def _hash_of_last_line(self) -> str:
+        if not self.path.exists():
+            return GENESIS
+        last = b""
+        with open(self.path, "rb") as log_file:
+            for line in log_file:
+                if line.strip():
+                    last = line
+        return line_hash(last) if last else GENESIS
+
+    def records(self) -> list[dict[str, object]]:
+        """Return every record; a line that is not JSON raises ConfigError naming it."""
+        if not self.path.exists():
+            return []
+        records = []
+        with open(self.path, "rb") as log_file:
+            for number, line in enumerate(log_file, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise ConfigError(f"{self.path}: line {number} is not JSON; run 'audit verify'") from None
+        return records
+
+    def last(self) -> dict[str, object] | None:
+        records = self.records()
+        return records[-1] if records else None
+
+    def verify(self) -> VerifyResult:
+        """Check the chain from the first line; report the first line that breaks it."""
+        if not self.path.exists():
+            return VerifyResult(lines=0)
+        expected = GENESIS
+        count = 0
+        with open(self.path, "rb") as log_file:
+            for number, line in enumerate(log_file, start=1):
+                count = number
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    return VerifyResult(count, number, "the line is not valid JSON")
+                if not isinstance(entry, dict) or entry.get("prev") != expected:
+                    return VerifyResult(
+                        count,
+                        number,
+                        "the line does not follow the line before it: that line was edited, or lines "
+                        "were removed or reordered",
+                    )
+                expected = line_hash(line)
+        return VerifyResult(lines=count)
+
+
+def parse_since(value: str) -> datetime:
+    """Parse ``--since``; a time without a zone is taken as UTC."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(f"invalid --since {value!r}: use an ISO 8601 time such as 2026-12-04T10:00") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def print_audit(records: list[dict[str, object]], since: str | None = None, as_json: bool = False) -> None:
+    """Print audit records, one per line, readably or as JSON."""
+    threshold = parse_since(since) if since else None
+    for record in records:
+        if threshold is not None:
+            try:
+                if datetime.fromisoformat(str(record.get("time"))) < threshold:
+                    continue
+            except ValueError:
+                pass
+        if as_json:
+            print(json.dumps(record, sort_keys=True))
+            continue
+        destination = record.get("destination") or {}
+        where = ""
+        if isinstance(destination, dict) and destination.get("user"):
+            host = destination.get("host") or "?"
+            flags = "verified" if destination.get("verified") else "unverified"
+            if destination.get("forwarded"):
+                flags += ", forwarded"
+            where = f" {destination['user']}@{host} ({flags})"
+        who = record.get("device") or record.get("command_line") or ""
+        print(
+            f"{record.get('time')}  {record.get('outcome', '?'):<11}  {record.get('purpose', '?')}{where}  "
+            f"key {record.get('key_fingerprint', '?')}  by {who}"
+            + (f"  -- {record['reason']}" if record.get("reason") else "")
+        )
