@@ -176,7 +176,7 @@ def command_audit(args: argparse.Namespace) -> int:
         if result.ok:
             print(f"{log.path}: {result.lines} entries, chain intact")
             return 0
-        print(f"{log.path}: line {result.first_bad_line}: {result.reason}", file=sys.stderr)
+        print(f"{result.file}: line {result.first_bad_line}: {result.reason}", file=sys.stderr)
         return 1
     print_audit(log.records(), since=args.since, as_json=args.json)
     return 0

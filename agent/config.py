@@ -101,11 +101,7 @@ class AgentHome:
 
     def check_trust(self, name: str, public_key: bytes, replace: bool = False) -> None:
         """Raise ConfigError if pinning ``public_key`` as ``name`` would be rejected."""
-        if not NAME_PATTERN.fullmatch(name):
-            raise ConfigError(
-                f"invalid signer name {name!r}: use 1 to 64 letters, digits or . _ @ + -, "
-                "starting with a letter or digit"
-            )
+        _check_name(name)
         previous = next((pinned for pinned in self.signers() if pinned.name == name), None)
         if previous is not None and previous.public_key != public_key and not replace:
             raise ConfigError(
@@ -119,6 +115,7 @@ class AgentHome:
         An earlier entry of that name with another key is replaced only when
         ``replace`` is true; a new address for the same key is always taken.
         """
+        _check_name(name)
         host, port = parse_signer_address(address)
         signer = PinnedSigner(name, host, port, parse_public_key(key_text))
         self.check_trust(name, signer.public_key, replace)
@@ -129,3 +126,11 @@ class AgentHome:
         text = json.dumps({"version": SIGNERS_VERSION, "signers": entries}, indent=2, sort_keys=True) + "\n"
         write_private_file(self.path / SIGNERS_FILE, text.encode("utf-8"))
         return signer
+
+
+def _check_name(name: str) -> None:
+    if not NAME_PATTERN.fullmatch(name):
+        raise ConfigError(
+            f"invalid signer name {name!r}: use 1 to 64 letters, digits or . _ @ + -, "
+            "starting with a letter or digit"
+        )

@@ -123,7 +123,7 @@ async def browse(
 async def open_first(
     service: DiscoveredService, timeout_per_address: float = CONNECT_TIMEOUT_PER_ADDRESS
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
-    """Connect to the first of the service's addresses that answers; return the streams and the address used.
+    """Connect to the first of the service's addresses that accepts a connection; return the streams and the address used.
 
     getaddrinfo reads the ``%scope`` of an IPv6 link-local address, which
     zeroconf sets to the index of the interface the answer came in on.

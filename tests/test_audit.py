@@ -138,3 +138,31 @@ def test_signer_audit_and_status_show_last_request(chain: Chain, sshd_factory) -
     assert status["last_request"]["outcome"] == "denied"
     assert "last request:" in chain.tpmsigner("status").stdout
     assert PIN not in chain.signer_audit_log.read_text()
+
+
+def test_rotation_keeps_the_chain(tmp_path) -> None:
+    from tpmsigner.audit import AuditLog
+
+    log = AuditLog(tmp_path / "audit.jsonl", max_bytes=400, keep=3)
+    for number in range(12):
+        log.append({"request_id": number, "outcome": "approved"})
+
+    assert len(log.files()) >= 3
+    assert log.verify().ok
+    kept = [record["request_id"] for record in log.records()]
+    assert kept == sorted(kept)
+    assert kept[-1] == 11
+
+    # A restarted writer continues the chain from the newest file.
+    AuditLog(tmp_path / "audit.jsonl", max_bytes=400, keep=3).append({"request_id": 12, "outcome": "denied"})
+    assert log.verify().ok
+
+    # Editing the last line of an older file breaks the link into the next file.
+    older = log.files()[-2]
+    lines = older.read_text().splitlines()
+    lines[-1] = lines[-1].replace('"approved"', '"error"')
+    older.write_text("\n".join(lines) + "\n")
+    broken = log.verify()
+    assert not broken.ok
+    assert broken.file == log.files()[-1]
+    assert broken.first_bad_line == 1

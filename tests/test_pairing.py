@@ -230,8 +230,8 @@ def test_pair_refusal_pins_nothing(chain: Chain, pairing: Pairing, refusing_side
     # The other side's open question ends without an answer.
     assert refusing.wait() == 1, refusing.output
     assert other.wait() == 1, other.output
-    assert "pairing refused here" in refusing.output
-    assert "the other device refused the pairing" in other.output
+    assert "pairing rejected here" in refusing.output
+    assert "the other device rejected the pairing" in other.output
     assert _devices(chain) == []
     assert _signers_file(chain) == {}
 

@@ -2,10 +2,16 @@
 
 Each line is a JSON object with a ``prev`` field: the SHA-256 of the line
 before it, as hex (64 zeros for the first line).  Editing, removing or
-reordering a line breaks the chain at that point, which ``verify`` reports.
+reordering a line breaks the chain at the line after it, which ``verify``
+reports; an edit of the newest line shows only once another line follows.
 Someone who can write the file can still rebuild a whole new chain, so the
 chain shows accidents and clumsy edits, not a determined attacker with write
 access; copying the log off the host regularly closes that gap.
+
+When the file grows past ``max_bytes`` it is renamed to ``FILE.1`` (older
+files move up to ``FILE.2`` and so on, up to ``keep`` files) and a new file
+starts.  The chain continues across files: the new file's first line points
+at the last line of ``FILE.1``, and ``verify`` walks the files oldest first.
 
 Lines never contain a PIN or the data that was signed.
 """
@@ -34,8 +40,9 @@ class VerifyResult:
     """The first line where the chain breaks, if any."""
 
     lines: int
-    first_bad_line: int | None = None   # 1-based
+    first_bad_line: int | None = None   # 1-based, within ``file``
     reason: str = ""
+    file: Path | None = None
 
     @property
     def ok(self) -> bool:
@@ -53,10 +60,29 @@ def utc_timestamp() -> str:
 class AuditLog:
     """One audit log file; appends are serialised and flushed to disk."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_bytes: int = 10 * 1024 * 1024, keep: int = 5) -> None:
         self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.keep = keep
         self._lock = threading.Lock()
         self._last_hash: str | None = None
+
+    def _rotated(self, number: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.{number}")
+
+    def files(self) -> list[Path]:
+        """Return the existing log files, oldest first."""
+        older = [self._rotated(number) for number in range(self.keep, 0, -1) if self._rotated(number).exists()]
+        return older + ([self.path] if self.path.exists() else [])
+
+    def _rotate(self) -> None:
+        oldest = self._rotated(self.keep)
+        if oldest.exists():
+            oldest.unlink()
+        for number in range(self.keep - 1, 0, -1):
+            if self._rotated(number).exists():
+                os.replace(self._rotated(number), self._rotated(number + 1))
+        os.replace(self.path, self._rotated(1))
 
     def append(self, record: dict[str, object]) -> dict[str, object]:
         """Append ``record`` with its time and chain fields; return what was written."""
@@ -66,6 +92,8 @@ class AuditLog:
             entry = {"time": utc_timestamp(), **record, "prev": self._last_hash}
             line = json.dumps(entry, sort_keys=True, separators=(",", ":")).encode("utf-8")
             ensure_private_dir(self.path.parent)
+            if self.path.exists() and self.path.stat().st_size + len(line) > self.max_bytes:
+                self._rotate()
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 os.write(fd, line + b"\n")
@@ -76,28 +104,28 @@ class AuditLog:
             return entry
 
     def _hash_of_last_line(self) -> str:
-        if not self.path.exists():
-            return GENESIS
-        last = b""
-        with open(self.path, "rb") as log_file:
-            for line in log_file:
-                if line.strip():
-                    last = line
-        return line_hash(last) if last else GENESIS
+        for path in reversed(self.files()):
+            last = b""
+            with open(path, "rb") as log_file:
+                for line in log_file:
+                    if line.strip():
+                        last = line
+            if last:
+                return line_hash(last)
+        return GENESIS
 
     def records(self) -> list[dict[str, object]]:
-        """Return every record; a line that is not JSON raises ConfigError naming it."""
-        if not self.path.exists():
-            return []
+        """Return every record, oldest first; a line that is not JSON raises ConfigError naming it."""
         records = []
-        with open(self.path, "rb") as log_file:
-            for number, line in enumerate(log_file, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise ConfigError(f"{self.path}: line {number} is not JSON; run 'audit verify'") from None
+        for path in self.files():
+            with open(path, "rb") as log_file:
+                for number, line in enumerate(log_file, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        raise ConfigError(f"{path}: line {number} is not JSON; run 'audit verify'") from None
         return records
 
     def last(self) -> dict[str, object] | None:
@@ -105,26 +133,33 @@ class AuditLog:
         return records[-1] if records else None
 
     def verify(self) -> VerifyResult:
-        """Check the chain from the first line; report the first line that breaks it."""
-        if not self.path.exists():
-            return VerifyResult(lines=0)
-        expected = GENESIS
+        """Check the chain across all files; report the first line that breaks it.
+
+        The oldest kept file may start in the middle of the chain, because
+        its predecessors were rotated away, so its first line is trusted.
+        """
+        expected: str | None = None
         count = 0
-        with open(self.path, "rb") as log_file:
-            for number, line in enumerate(log_file, start=1):
-                count = number
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    return VerifyResult(count, number, "the line is not valid JSON")
-                if not isinstance(entry, dict) or entry.get("prev") != expected:
-                    return VerifyResult(
-                        count,
-                        number,
-                        "the line does not follow the line before it: that line was edited, or lines "
-                        "were removed or reordered",
-                    )
-                expected = line_hash(line)
+        for path in self.files():
+            with open(path, "rb") as log_file:
+                for number, line in enumerate(log_file, start=1):
+                    count += 1
+                    where = f"{path.name} line {number}"
+                    try:
+                        entry = json.loads(line)
+                    except json.JSONDecodeError:
+                        return VerifyResult(count, number, f"{where}: the line is not valid JSON", path)
+                    if not isinstance(entry, dict) or (expected is not None and entry.get("prev") != expected):
+                        return VerifyResult(
+                            count,
+                            number,
+                            f"{where}: the line does not follow the line before it: that line was edited, "
+                            "or lines were removed or reordered",
+                            path,
+                        )
+                    if expected is None and len(self.files()) == 1 and entry.get("prev") != GENESIS:
+                        return VerifyResult(count, number, f"{where}: the first line of the log was removed", path)
+                    expected = line_hash(line)
         return VerifyResult(lines=count)
 
 

@@ -117,7 +117,7 @@ def plan_advertisement(listen_host: str, interfaces: list[str]) -> tuple[list[st
     """Return the addresses to advertise and the mDNS interfaces (None for all).
 
     A signer that listens on one address is advertised with that address,
-    on that address's interface only, unless ``--interface`` says otherwise.
+    on that address's interface only, unless ``--interface`` selects others.
     A signer that listens on every address is advertised with the addresses
     of the chosen interfaces, or of all non-loopback interfaces.
     """

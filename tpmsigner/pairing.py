@@ -147,7 +147,7 @@ async def refuse(secure: NoiseChannel, reason: str) -> None:
 
 
 def require_terminal() -> None:
-    """Raise ConfigError unless stdin is a terminal that a person can answer on."""
+    """Raise ConfigError unless stdin is a terminal, where a person can confirm the code."""
     if not os.isatty(sys.stdin.fileno()):
         raise ConfigError(
             "pairing needs a terminal on stdin, because a person must compare the codes and confirm; "
@@ -200,7 +200,7 @@ async def confirm_code(secure: NoiseChannel, code: str) -> None:
         accepted = await answer
         await send(secure, Confirm(accepted, "" if accepted else "the codes were rejected on the other device"))
         if not accepted:
-            raise PairingRefusedError("pairing refused here; nothing was stored")
+            raise PairingRefusedError("pairing rejected here; nothing was stored")
         _check_peer_confirm(await peer)
     finally:
         for task in (answer, peer):
@@ -215,5 +215,5 @@ def _check_peer_confirm(message: PairingMessage) -> None:
     if not message.accepted:
         print(flush=True)
         raise PairingRefusedError(
-            f"the other device refused the pairing ({message.reason or 'no reason given'}); nothing was stored"
+            f"the other device rejected the pairing ({message.reason or 'no reason given'}); nothing was stored"
         )

@@ -83,6 +83,7 @@ class Chain:
     socket_dir: Path
     tcti: str
     signer_port: int = field(default_factory=free_port)
+    mdns: bool = False
     signer: ManagedProcess | None = None
     agent: ManagedProcess | None = None
 
@@ -209,9 +210,9 @@ class Chain:
             approver or f"command:{self.approver_program}",
             "--approval-timeout",
             str(approval_timeout),
-            # mDNS would multicast on the host's interfaces; discovery tests
-            # run serve in a network namespace of their own instead.
-            "--no-mdns",
+            # mDNS would multicast on the host's interfaces, so only a chain
+            # inside a network namespace of its own turns it on.
+            *([] if self.mdns else ["--no-mdns"]),
             *extra_args,
         ]
         signer = self._spawn("signer", argv, controlling_tty)
