@@ -22,9 +22,11 @@ from tpmsigner.protocol.signeddata import SignedDataInfo
 
 logger = logging.getLogger(__name__)
 
-# OpenSSH's ssh-agent keeps at most this many bindings per connection
-# (AGENT_MAX_SESSION_IDS in ssh-agent.c, OpenSSH 9.2).
+# OpenSSH's ssh-agent keeps at most this many bindings per connection and
+# accepts session identifiers of at most this many bytes
+# (AGENT_MAX_SESSION_IDS and AGENT_MAX_SID_LEN in ssh-agent.c).
 MAX_BINDINGS = 16
+MAX_SESSION_ID_LENGTH = 128
 
 # ssh's options that take an argument (ssh(1), OpenSSH 9.2 getopt string).
 _SSH_OPTIONS_WITH_ARGUMENT = set("BbcDEeFIiJLlmOoPpQRSWw")
@@ -41,11 +43,18 @@ class ConnectionBindings:
     bindings: list[SessionBind] = field(default_factory=list)
 
     def add(self, bind: SessionBind) -> None:
-        """Record a verified binding, enforcing OpenSSH's rules."""
-        if any(not earlier.is_forwarding for earlier in self.bindings):
-            # A connection bound for authentication serves that one login;
-            # rebinding it would let one connection speak for two hosts.
-            raise BindingRejected("the connection is already bound to a session for authentication")
+        """Record a verified binding, with the rules of OpenSSH's process_ext_session_bind."""
+        if len(bind.session_id) > MAX_SESSION_ID_LENGTH:
+            raise BindingRejected(f"the session identifier is longer than {MAX_SESSION_ID_LENGTH} bytes")
+        for earlier in self.bindings:
+            if not earlier.is_forwarding:
+                # A connection bound for authentication serves that one
+                # login; rebinding it would let it speak for two hosts.
+                raise BindingRejected("the connection is already bound to a session for authentication")
+            if earlier.session_id == bind.session_id:
+                if earlier.host_key == bind.host_key:
+                    return
+                raise BindingRejected("the session identifier is already bound to another host key")
         if len(self.bindings) >= MAX_BINDINGS:
             raise BindingRejected(f"more than {MAX_BINDINGS} session bindings on one connection")
         self.bindings.append(bind)

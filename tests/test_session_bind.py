@@ -150,3 +150,19 @@ def test_ssh_command_lines_name_the_target(arguments: list[str], host: str, port
     assert target is not None
     assert target.host == host
     assert target.port == port
+
+
+def test_same_binding_twice_is_accepted_once(client: RawAgentClient) -> None:
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    for _ in range(20):
+        client.send_message(bind_message(host_key, b"\x05" * 32, True))
+        assert client.read_reply() == SUCCESS
+
+
+def test_session_id_bound_to_other_key_is_refused(client: RawAgentClient) -> None:
+    first = asyncssh.generate_private_key("ssh-ed25519")
+    second = asyncssh.generate_private_key("ssh-ed25519")
+    client.send_message(bind_message(first, b"\x05" * 32, True))
+    assert client.read_reply() == SUCCESS
+    client.send_message(bind_message(second, b"\x05" * 32, True))
+    assert client.read_reply() == FAILURE
