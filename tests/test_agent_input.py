@@ -78,7 +78,7 @@ def assert_identities_answer(reply: bytes) -> None:
     [
         pytest.param(Byte(200), id="unknown-type"),
         pytest.param(Byte(27) + String("session-bind@openssh.com") + String(b"x" * 40), id="session-bind"),
-        pytest.param(Byte(27) + String("query"), id="query-extension"),
+        pytest.param(Byte(27) + String("unknown@example.com"), id="unknown-extension"),
         pytest.param(Byte(17) + String("ssh-ed25519") + String(b"k" * 32), id="add-identity"),
         pytest.param(Byte(19), id="remove-all"),
         pytest.param(Byte(22) + String("passphrase"), id="lock"),
@@ -99,7 +99,7 @@ def test_unsupported_message_gets_one_failure(running_chain: Chain, client: RawA
 def test_requests_in_one_write_get_ordered_replies(client: RawAgentClient) -> None:
     batch = b"".join(
         struct.pack(">I", len(message)) + message
-        for message in (request_identities(), Byte(200), request_identities(), Byte(27) + String("query"))
+        for message in (request_identities(), Byte(200), request_identities(), Byte(27) + String("other@example.com"))
     )
     client.sock.sendall(batch)
 
