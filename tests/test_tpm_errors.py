@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from tpm2_pytss import ESAPI
-from tpm2_pytss.constants import ESYS_TR
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
 from tpm2_pytss.TCTILdr import TCTILdr
 from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
 
-from tpmsigner.templates import srk_ecc_p256_template
+import tpmsigner
 from tests.support.chain import Chain
+from tpmsigner.errors import UnsupportedByTpmError
+from tpmsigner.keytypes import KEY_TYPES
+from tpmsigner.protocol.sshkeys import SSH_AGENT_RSA_SHA2_256
+from tpmsigner.templates import srk_ecc_p256_template
 
 PIN = "4711-tpm-errors"
 
@@ -64,3 +69,23 @@ def test_full_object_memory_is_reported(chain: Chain, swtpm) -> None:
     assert "out of object memory" in result.stderr
     assert "resource manager" in result.stderr
     assert not (chain.signer_home / "keys" / "second.json").exists()
+
+
+def test_missing_hash_is_reported(swtpm, tmp_path) -> None:
+    """swtpm implements every hash, so SHA-1 is hidden from the capability list to reach this branch."""
+    store = tpmsigner.KeyStore(tmp_path / "home")
+    tpm = tpmsigner.Tpm(swtpm.tcti)
+    try:
+        identity = tpmsigner.create_identity(tpm, store, "rsa", PIN.encode(), KEY_TYPES["rsa-2048"])
+        real = tpm._implemented_algorithms  # noqa: SLF001 - the fake described above
+        tpm._implemented_algorithms = lambda: real() - {int(TPM2_ALG.SHA1)}  # noqa: SLF001
+        counter_before = tpm.lockout_status().failed_tries
+
+        with pytest.raises(UnsupportedByTpmError, match="does not implement SHA1"):
+            tpmsigner.sign_data(tpm, store, identity, b"data", PIN.encode(), flags=0)
+
+        assert tpm.lockout_status().failed_tries == counter_before
+        signature = tpmsigner.sign_data(tpm, store, identity, b"data", PIN.encode(), flags=SSH_AGENT_RSA_SHA2_256)
+        assert signature[4:16] == b"rsa-sha2-256"
+    finally:
+        tpm.close()

@@ -567,12 +567,11 @@ class Tpm:
 
         return TpmKeyBlob(public=bytes(public.marshal()), private=bytes(private.marshal()), parent=parent)
 
-    def _check_hash(self, hash_name: str) -> int:
-        """Return the TPM algorithm id of ``hash_name``; raise if the TPM lacks it."""
-        hash_alg = _TPM_HASH_ALGS[hash_name]
+    def _implemented_algorithms(self) -> set[int]:
+        """Return the algorithm ids the TPM implements (TPM2_GetCapability, TPM_CAP_ALGS)."""
         more = True
         start = 0
-        implemented = set()
+        implemented: set[int] = set()
         while more:
             more, data = self._context().get_capability(TPM2_CAP.ALGS, start, 64)
             algorithms = list(data.data.algorithms)
@@ -580,7 +579,12 @@ class Tpm:
             if not algorithms:
                 break
             start = int(algorithms[-1].alg) + 1
-        if hash_alg not in implemented:
+        return implemented
+
+    def _check_hash(self, hash_name: str) -> int:
+        """Return the TPM algorithm id of ``hash_name``; raise if the TPM lacks it."""
+        hash_alg = _TPM_HASH_ALGS[hash_name]
+        if hash_alg not in self._implemented_algorithms():
             raise UnsupportedByTpmError(
                 f"this TPM does not implement {hash_name.upper()}, which the requested signature "
                 "algorithm needs; ask for another one (for RSA keys: rsa-sha2-256 or rsa-sha2-512)"
