@@ -255,21 +255,15 @@ async def initiate(
 ) -> NoiseChannel:
     """Run the initiator side and check the responder is ``expected_remote``."""
 
-    async def run() -> NoiseChannel:
-        connection = _new_connection(static, initiator=True)
-        await _write_frame(writer, bytes(connection.write_message()))
-        connection.read_message(await _read_frame(reader))
-        remote = _remote_static(connection)
+    def check(remote: bytes) -> None:
         if remote != expected_remote:
             raise PeerNotTrustedError(
                 f"the signer presented Noise key {public_key_fingerprint(remote)}, not the pinned "
                 f"key {public_key_fingerprint(expected_remote)}; if the signer's key really "
                 "changed, pin the new one with 'tpmsigner-agent trust'"
             )
-        await _write_frame(writer, bytes(connection.write_message()))
-        return NoiseChannel(connection, remote, reader, writer)
 
-    return await _run_handshake(run(), timeout)
+    return await _run_handshake(_initiator(reader, writer, static, PROLOGUE, check), timeout)
 
 
 async def respond(
@@ -281,18 +275,11 @@ async def respond(
 ) -> NoiseChannel:
     """Run the responder side; raise PeerNotTrustedError for an unknown peer."""
 
-    async def run() -> NoiseChannel:
-        connection = _new_connection(static, initiator=False)
-        connection.read_message(await _read_frame(reader))
-        await _write_frame(writer, bytes(connection.write_message()))
-        handshake_state = connection.noise_protocol.handshake_state
-        connection.read_message(await _read_frame(reader))
-        remote = bytes(handshake_state.rs.public_bytes)
+    def check(remote: bytes) -> None:
         if not is_trusted(remote):
             raise PeerNotTrustedError(f"peer key {public_key_fingerprint(remote)} is not allowed")
-        return NoiseChannel(connection, remote, reader, writer)
 
-    return await _run_handshake(run(), timeout)
+    return await _run_handshake(_responder(reader, writer, static, PROLOGUE, check), timeout)
 
 
 async def initiate_pairing(
@@ -306,16 +293,7 @@ async def initiate_pairing(
     The caller must not trust ``remote_static`` until a person has compared
     the codes derived from ``handshake_hash`` on both devices.
     """
-
-    async def run() -> NoiseChannel:
-        connection = _new_connection(static, initiator=True, prologue=PAIRING_PROLOGUE)
-        await _write_frame(writer, bytes(connection.write_message()))
-        connection.read_message(await _read_frame(reader))
-        remote = _remote_static(connection)
-        await _write_frame(writer, bytes(connection.write_message()))
-        return NoiseChannel(connection, remote, reader, writer)
-
-    return await _run_handshake(run(), timeout)
+    return await _run_handshake(_initiator(reader, writer, static, PAIRING_PROLOGUE, None), timeout)
 
 
 async def respond_pairing(
@@ -329,16 +307,44 @@ async def respond_pairing(
     As with initiate_pairing, the remote key is unverified until a person
     confirms the pairing code.
     """
+    return await _run_handshake(_responder(reader, writer, static, PAIRING_PROLOGUE, None), timeout)
 
-    async def run() -> NoiseChannel:
-        connection = _new_connection(static, initiator=False, prologue=PAIRING_PROLOGUE)
-        connection.read_message(await _read_frame(reader))
-        await _write_frame(writer, bytes(connection.write_message()))
-        handshake_state = connection.noise_protocol.handshake_state
-        connection.read_message(await _read_frame(reader))
-        return NoiseChannel(connection, bytes(handshake_state.rs.public_bytes), reader, writer)
 
-    return await _run_handshake(run(), timeout)
+async def _initiator(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    static: StaticKey,
+    prologue: bytes,
+    check_remote: Callable[[bytes], None] | None,
+) -> NoiseChannel:
+    # The responder's key is checked after message 2 and before message 3,
+    # which is the one that reveals this side's static key.
+    connection = _new_connection(static, initiator=True, prologue=prologue)
+    await _write_frame(writer, bytes(connection.write_message()))
+    connection.read_message(await _read_frame(reader))
+    remote = _remote_static(connection)
+    if check_remote is not None:
+        check_remote(remote)
+    await _write_frame(writer, bytes(connection.write_message()))
+    return NoiseChannel(connection, remote, reader, writer)
+
+
+async def _responder(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    static: StaticKey,
+    prologue: bytes,
+    check_remote: Callable[[bytes], None] | None,
+) -> NoiseChannel:
+    connection = _new_connection(static, initiator=False, prologue=prologue)
+    connection.read_message(await _read_frame(reader))
+    await _write_frame(writer, bytes(connection.write_message()))
+    handshake_state = connection.noise_protocol.handshake_state
+    connection.read_message(await _read_frame(reader))
+    remote = bytes(handshake_state.rs.public_bytes)
+    if check_remote is not None:
+        check_remote(remote)
+    return NoiseChannel(connection, remote, reader, writer)
 
 
 async def _run_handshake(handshake, timeout: float) -> NoiseChannel:
