@@ -8,6 +8,7 @@ over mDNS by the fingerprint of KEY each time it connects.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -41,7 +42,22 @@ def parse_address(value: str) -> tuple[str, int]:
         raise ConfigError(
             f"invalid address {value!r}: use HOST:PORT with a port from 1 to 65535, for example 192.0.2.7:7810"
         )
-    return host.strip("[]"), int(port)
+    host = host.strip("[]")
+    _check_link_local_scope(value, host, port)
+    return host, int(port)
+
+
+def _check_link_local_scope(value: str, host: str, port: str) -> None:
+    """Raise ConfigError for an IPv6 link-local host without a ``%scope``, which Linux connect() rejects with EINVAL."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return
+    if address.version == 6 and address.is_link_local and not address.scope_id:
+        raise ConfigError(
+            f"invalid address {value!r}: an IPv6 link-local address needs a scope, the interface to reach it on, "
+            f"for example [{host}%eth0]:{port}"
+        )
 
 
 def parse_signer_address(value: str) -> tuple[str, int]:
