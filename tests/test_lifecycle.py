@@ -308,3 +308,18 @@ def test_cleared_tpm_is_refused(chain: Chain, swtpm) -> None:
     assert result.returncode == 1
     assert "the TPM was cleared" in result.stderr
     assert files_of(chain.signer_home / "keys") == before
+
+
+def test_listing_sees_edits_by_hand(chain: Chain) -> None:
+    chain.keygen("work", PIN)
+    store = tpmsigner.KeyStore(chain.signer_home)
+    assert store.list()[0].enabled is True
+
+    metadata = chain.signer_home / "keys" / "work.json"
+    record = json.loads(metadata.read_text())
+    record["enabled"] = False
+    metadata.write_text(json.dumps(record))
+
+    assert store.list()[0].enabled is False
+    chain.tpmsigner("enable", "work")
+    assert store.list()[0].enabled is True

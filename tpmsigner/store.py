@@ -149,6 +149,10 @@ class KeyStore:
     def __init__(self, home: Path) -> None:
         self.home = Path(home)
         self.keys_dir = self.home / "keys"
+        # Parsed metadata by file name, with the (inode, size, mtime) it was
+        # parsed from.  Every write replaces the file by rename, so a new
+        # inode, and any change by hand alters size or mtime.
+        self._metadata_cache: dict[str, tuple[tuple[int, int, int], Identity]] = {}
 
     def _paths(self, label: str) -> tuple[Path, Path]:
         validate_label(label)
@@ -162,9 +166,20 @@ class KeyStore:
         """
         if not self.keys_dir.is_dir():
             return []
+        entries = sorted(
+            (entry for entry in os.scandir(self.keys_dir) if entry.name.endswith(METADATA_SUFFIX)),
+            key=lambda entry: entry.name,
+        )
         identities = []
-        for path in sorted(self.keys_dir.glob("*" + METADATA_SUFFIX)):
-            identities.append(self._read_metadata(path))
+        cache = {}
+        for entry in entries:
+            info = entry.stat()
+            version = (info.st_ino, info.st_size, info.st_mtime_ns)
+            cached = self._metadata_cache.get(entry.name)
+            identity = cached[1] if cached and cached[0] == version else self._read_metadata(Path(entry.path))
+            cache[entry.name] = (version, identity)
+            identities.append(identity)
+        self._metadata_cache = cache
         return identities
 
     def get(self, label: str) -> Identity:
