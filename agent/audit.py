@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from tpmsigner.protocol.messages import UNKNOWN_ID, FailureCode, ProcessInfo
+from tpmsigner.protocol.messages import UNKNOWN_ID, ProcessInfo
 from tpmsigner.protocol.sessionbind import BindingEvidence
 from tpmsigner.protocol.signeddata import SignedDataInfo
 
@@ -22,21 +22,8 @@ def default_audit_path() -> Path:
     return Path(state_home) / "tpmsigner-agent" / "audit.jsonl"
 
 
-def outcome_for_failure(code: int) -> str:
-    """Map a signer failure code to an audit outcome."""
-    return _OUTCOMES_BY_CODE.get(code, "error")
-
-
-_OUTCOMES_BY_CODE = {
-    FailureCode.DENIED: "denied",
-    FailureCode.WRONG_PIN: "wrong_pin",
-    FailureCode.LOCKED_OUT: "locked_out",
-    FailureCode.TIMED_OUT: "timed_out",
-}
-
-
 class AuditEntry:
-    """What the agent knows about one sign request, collected as it goes."""
+    """The facts the agent collects about one sign request, for its audit record."""
 
     def __init__(
         self, request_id: int, started: float, process: ProcessInfo, fingerprint: str, info: SignedDataInfo

@@ -1,4 +1,4 @@
-"""Where a login goes: session bindings, and host names from known_hosts.
+"""The destination of a login: session bindings, and host names from known_hosts.
 
 ssh binds each agent connection to the session it authenticates
 (session-bind@openssh.com, see ``tpmsigner.protocol.sessionbind``).  Here
@@ -104,8 +104,12 @@ def parse_ssh_command(arguments: list[str], home: str) -> SshTarget | None:
         if argument.startswith("-") and len(argument) > 1:
             letter = argument[1]
             if letter in _SSH_OPTIONS_WITH_ARGUMENT:
-                value = argument[2:] if len(argument) > 2 else (arguments[index + 1] if index + 1 < len(arguments) else "")
-                index += 1 if len(argument) > 2 else 2
+                if len(argument) > 2:
+                    value = argument[2:]
+                    index += 1
+                else:
+                    value = arguments[index + 1] if index + 1 < len(arguments) else ""
+                    index += 2
                 if letter == "p" and value.isdigit():
                     port = int(value)
                 elif letter == "o":

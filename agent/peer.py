@@ -1,4 +1,4 @@
-"""Who is on the other end of the agent socket (SO_PEERCRED, then /proc)."""
+"""The process on the other end of the agent socket (SO_PEERCRED, then /proc)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import socket
 import struct
 import time
 
-from tpmsigner.audit import AuditLog
+from tpmsigner.audit import AuditLog, outcome_for_failure
 from tpmsigner.errors import ProtocolError, SignerError, TpmSignerError
 from tpmsigner.protocol.channel import StaticKey
 from tpmsigner.protocol.sessionbind import SESSION_BIND_EXTENSION, decode_session_bind, verify_session_bind
@@ -18,7 +18,7 @@ from tpmsigner.protocol.signeddata import PURPOSE_SSH_LOGIN, describe_signed_dat
 from tpmsigner.protocol.sshkeys import fingerprint_of_blob
 
 from . import wire
-from .audit import AuditEntry, outcome_for_failure
+from .audit import AuditEntry
 from .config import PinnedSigner
 from .destination import BindingRejected, ConnectionBindings, evidence_for
 from .peer import PeerCredentials, peer_credentials, process_arguments, process_info
@@ -230,12 +230,18 @@ class AgentServer:
             return wire.FAILURE
         audit.signer = client.signer.name
 
+        if evidence is not None:
+            destination = f" to {info.user}@{evidence.host_name or '?'}"
+        elif info.destination:
+            destination = f" to {info.destination}"
+        else:
+            destination = ""
         logger.info(
             "sign request from %s: key %s, %s%s, sent to signer %r",
             process.describe(),
             fingerprint,
             info.purpose,
-            f" to {info.user}@{evidence.host_name or '?'}" if evidence else (f" to {info.destination}" if info.destination else ""),
+            destination,
             client.signer.name,
         )
         try:

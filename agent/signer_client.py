@@ -94,7 +94,7 @@ class SignerClient:
         try:
             return await asyncio.wait_for(self._exchange(build), timeout)
         except asyncio.TimeoutError:
-            raise SignerUnavailableError(f"signer {self.signer.name!r} did not answer within {timeout:g} s") from None
+            raise SignerUnavailableError(f"signer {self.signer.name!r} did not reply within {timeout:g} s") from None
 
     async def _exchange(self, build) -> Message:
         request_id = next(self._request_ids) & 0xFFFFFFFF

@@ -65,7 +65,7 @@ def decode_identities_answer(body: bytes) -> list[tuple[bytes, str]]:
         identities = [(packet.get_string(), packet.get_string().decode("utf-8")) for _ in range(count)]
         packet.check_end()
     except (PacketDecodeError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"malformed identities answer: {exc}") from None
+        raise ProtocolError(f"malformed SSH_AGENT_IDENTITIES_ANSWER: {exc}") from None
     return identities
 
 

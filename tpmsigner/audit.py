@@ -3,7 +3,7 @@
 Each line is a JSON object with a ``prev`` field: the SHA-256 of the line
 before it, as hex (64 zeros for the first line).  Editing, removing or
 reordering a line breaks the chain at the line after it, which ``verify``
-reports; an edit of the newest line shows only once another line follows.
+reports.  An edit of the newest line shows only once another line follows.
 Someone who can write the file can still rebuild a whole new chain, so the
 chain shows accidents and clumsy edits, not a determined attacker with write
 access; copying the log off the host regularly closes that gap.
@@ -28,11 +28,24 @@ from pathlib import Path
 
 from .errors import ConfigError
 from .fsutil import ensure_private_dir
+from .protocol.messages import FailureCode
 
 GENESIS = "0" * 64
 
 # Outcomes a request can end with, as recorded in the ``outcome`` field.
 OUTCOMES = ("approved", "denied", "wrong_pin", "locked_out", "timed_out", "unreachable", "error")
+
+_OUTCOMES_BY_FAILURE = {
+    FailureCode.DENIED: "denied",
+    FailureCode.WRONG_PIN: "wrong_pin",
+    FailureCode.LOCKED_OUT: "locked_out",
+    FailureCode.TIMED_OUT: "timed_out",
+}
+
+
+def outcome_for_failure(code: int) -> str:
+    """Map a signer failure code to an audit outcome; codes without their own outcome are "error"."""
+    return _OUTCOMES_BY_FAILURE.get(code, "error")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""What the ``tpmsigner`` and ``tpmsigner-agent`` programs share: logging, errors, signals."""
+"""Code shared by the ``tpmsigner`` and ``tpmsigner-agent`` programs: logging, errors, signals."""
 
 from __future__ import annotations
 

@@ -81,7 +81,7 @@ class Identity:
         return public_key_from_blob(self.public_key_blob)
 
     def openssh_line(self) -> str:
-        """The public key as an ``authorized_keys`` line, with the label as comment."""
+        """Return the public key as an ``authorized_keys`` line, with the label as comment."""
         return self.public_key.openssh_line(self.label)
 
     def to_json(self) -> dict[str, object]:
@@ -313,7 +313,7 @@ class TpmBinding:
     The salted session encrypts its salt to the storage key, and every key
     file is wrapped by it.  A different name on a later start means another
     TPM, a cleared TPM, or something between this host and the TPM that
-    answers in its place, so the signer must not send it anything secret.
+    replies in its place, so the signer must not send it anything secret.
     """
 
     def __init__(self, home: Path) -> None:

@@ -220,7 +220,7 @@ class LockoutStatus:
 
 @dataclass(frozen=True)
 class TpmInfo:
-    """What ``tpmsigner status`` shows about the TPM itself."""
+    """The TPM's identity and lockout state, as ``tpmsigner status`` prints them."""
 
     manufacturer: str
     vendor: str
@@ -261,6 +261,7 @@ class Tpm:
         self._parents: dict[int, ESYS_TR] = {}
         self._flush_parents: set[int] = set()
         self._session: ESYS_TR | None = None
+        self._algorithms: set[int] | None = None
 
     # ---- context lifecycle -------------------------------------------------
 
@@ -280,11 +281,12 @@ class Tpm:
         session, self._session = self._session, None
         parents, self._parents = self._parents, {}
         flush_parents, self._flush_parents = self._flush_parents, set()
+        self._algorithms = None
         if esapi is None:
             return
 
-        # Best effort: after a lost connection these calls fail too, and the
-        # TPM forgets transient objects and sessions on restart anyway.
+        # Best effort: after a lost connection these calls fail too, and a
+        # restarted TPM has dropped its transient objects and sessions anyway.
         try:
             if session is not None:
                 esapi.flush_context(session)
@@ -317,8 +319,8 @@ class Tpm:
 
         An emulator reached without a resource manager keeps them across
         connections, and after two or three such leaks it has no object slot
-        left.  Only a long-running owner of the emulator (``serve``) asks for
-        this, because it also flushes the handles of any other live client.
+        left.  Only a long-running owner of the emulator (``serve``) turns this
+        on, because it also flushes the handles of any other live client.
         """
         for handle_type in (TPM2_HT.TRANSIENT, TPM2_HT.LOADED_SESSION):
             try:
@@ -568,7 +570,12 @@ class Tpm:
         return TpmKeyBlob(public=bytes(public.marshal()), private=bytes(private.marshal()), parent=parent)
 
     def _implemented_algorithms(self) -> set[int]:
-        """Return the algorithm ids the TPM implements (TPM2_GetCapability, TPM_CAP_ALGS)."""
+        """Return the algorithm ids the TPM implements (TPM2_GetCapability, TPM_CAP_ALGS).
+
+        The list is read once per TPM context, not on every signature.
+        """
+        if self._algorithms is not None:
+            return self._algorithms
         more = True
         start = 0
         implemented: set[int] = set()
@@ -579,6 +586,7 @@ class Tpm:
             if not algorithms:
                 break
             start = int(algorithms[-1].alg) + 1
+        self._algorithms = implemented
         return implemented
 
     def _check_hash(self, hash_name: str) -> int:

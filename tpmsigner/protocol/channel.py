@@ -354,6 +354,6 @@ async def _run_handshake(handshake, timeout: float) -> NoiseChannel:
         raise ChannelError(f"the Noise handshake did not finish within {timeout:g} s") from None
     except _NOISE_ERRORS as exc:
         # The library's own text ("Invalid length of public_bytes!", a bare
-        # InvalidTag) means nothing to a reader of the log; the class name
-        # stays for whoever debugs it.
+        # InvalidTag) means nothing to a reader of the log, so only the class
+        # name is kept, for debugging.
         raise ChannelError(f"the peer sent an invalid Noise handshake message ({type(exc).__name__})") from None

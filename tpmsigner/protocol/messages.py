@@ -32,7 +32,7 @@ UNKNOWN_ID = 0xFFFFFFFF   # pid or uid that the agent could not find out
 
 
 class FailureCode(enum.IntEnum):
-    """Why the signer did not sign; the agent maps every one to SSH_AGENT_FAILURE."""
+    """The reason the signer did not sign. The agent maps every code to SSH_AGENT_FAILURE."""
 
     DENIED = 1
     WRONG_PIN = 2

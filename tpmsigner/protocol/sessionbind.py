@@ -88,7 +88,7 @@ def verify_session_bind(bind: SessionBind) -> bool:
 
 @dataclass(frozen=True)
 class BindingEvidence:
-    """What the agent sends the signer about a login's destination.
+    """The agent's report to the signer about a login's destination.
 
     ``bind`` is the binding that the userauth request's session identifier
     matched; the signer checks its signature itself.  ``host_name`` and

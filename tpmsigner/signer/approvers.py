@@ -35,7 +35,7 @@ DEFAULT_APPROVAL_TIMEOUT = 60.0
 
 @dataclass(frozen=True)
 class ApprovalRequest:
-    """Everything a person sees before giving a PIN."""
+    """The details of a sign request that an approver shows before a PIN is given."""
 
     request_id: int
     key_label: str
@@ -49,7 +49,7 @@ class ApprovalRequest:
     forwarded: bool = False             # the request came through a forwarded agent
 
     def environment(self) -> dict[str, str]:
-        """The TPMSIGNER_* variables given to a ``command:`` approver."""
+        """Return the TPMSIGNER_* variables given to a ``command:`` approver."""
         return {
             "TPMSIGNER_KEY_LABEL": self.key_label,
             "TPMSIGNER_KEY_FINGERPRINT": self.key_fingerprint,

@@ -22,7 +22,7 @@ class DestinationError(Exception):
 
 @dataclass(frozen=True)
 class Destination:
-    """What the approver is shown about a login's destination."""
+    """A login's destination, as the approver is shown it."""
 
     text: str                       # "user@host", "user@?" or ""
     verified: bool = False
@@ -34,10 +34,8 @@ class Destination:
 def check_destination(info: SignedDataInfo, evidence: BindingEvidence | None) -> Destination:
     """Return the destination of a request; raise DestinationError for evidence that does not hold."""
     if evidence is None:
-        if info.host_key is not None:
-            # The hostbound userauth form names the host key, but without a
-            # binding nothing proves that key signed this session.
-            return Destination(text=info.destination)
+        # Even the hostbound userauth form, which names a host key, proves
+        # nothing without a binding, so no host key is reported.
         return Destination(text=info.destination)
 
     if info.purpose != PURPOSE_SSH_LOGIN:

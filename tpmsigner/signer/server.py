@@ -8,7 +8,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from ..audit import AuditLog
+from ..audit import AuditLog, outcome_for_failure
 from ..errors import (
     ChannelError,
     TpmSignerError,
@@ -239,14 +239,6 @@ class SignerServer:
             logger.error("device %r: cannot record its last contact in %s: %s", device.name, self.devices.path, exc)
 
 
-_OUTCOMES_BY_CODE = {
-    FailureCode.DENIED: "denied",
-    FailureCode.WRONG_PIN: "wrong_pin",
-    FailureCode.LOCKED_OUT: "locked_out",
-    FailureCode.TIMED_OUT: "timed_out",
-}
-
-
 class _AgentSession:
     """One authenticated agent connection."""
 
@@ -300,7 +292,7 @@ class _AgentSession:
                 await self._reply(Failure(request_id, FailureCode.BAD_REQUEST, str(exc)))
             return
 
-        # Listings answer at once, so only sign requests, which may wait for
+        # Listings return at once, so only sign requests, which may wait for
         # a person, count toward the limit.
         if isinstance(message, SignRequest) and self._pending_signs >= MAX_PENDING_PER_CONNECTION:
             logger.warning(
@@ -382,7 +374,7 @@ class _AgentSession:
             record.update(outcome="approved", reason="")
         else:
             assert isinstance(reply, Failure)
-            record.update(outcome=_OUTCOMES_BY_CODE.get(reply.code, "error"), reason=reply.message)
+            record.update(outcome=outcome_for_failure(reply.code), reason=reply.message)
         record["latency_ms"] = round((time.monotonic() - started) * 1000)
         self.server.audit(record)
         return reply
@@ -403,8 +395,8 @@ class _AgentSession:
             logger.warning("request #%d from device %r names disabled key %r: rejected", serial, device, identity.label)
             return Failure(request_id, FailureCode.KEY_DISABLED, f"key {identity.label!r} is disabled")
 
-        # Nobody is asked for a PIN that the TPM would not check: during a
-        # lockout it rejects every PIN, and an unreachable TPM signs nothing.
+        # No approver is asked for a PIN that the TPM would not check, because
+        # during a lockout it rejects every PIN and an unreachable TPM signs nothing.
         refusal = await self._check_tpm_ready(request_id, serial)
         if refusal is not None:
             return refusal
