@@ -658,6 +658,11 @@ class Tpm:
 
     def _load(self, blob: TpmKeyBlob) -> tuple[ESYS_TR, ESYS_TR]:
         """Load a wrapped key under its parent; return (key handle, session)."""
+        # The attributes are checked on every load, not only at import: the
+        # TPM loads any key of its own, but only one with fixedTPM,
+        # fixedParent, sensitiveDataOrigin and userWithAuth set, and noDA
+        # clear, keeps its promises (TPM 2.0 Library Part 2, section 8.3, TPMA_OBJECT).
+        public_key_of(blob)
         public, _ = TPM2B_PUBLIC.unmarshal(blob.public)
         private, _ = TPM2B_PRIVATE.unmarshal(blob.private)
         try:

@@ -16,6 +16,7 @@ from ..fsutil import ensure_private_dir
 from ..protocol.channel import StaticKey, format_public_key, parse_public_key, public_key_fingerprint
 from ..signer.approvers import DEFAULT_APPROVAL_TIMEOUT, approver_from_spec, check_approver
 from ..signer.devices import DeviceRegistry
+from ..signer.refusals import DEFAULT_REFUSAL_LIMIT, DEFAULT_REFUSAL_PAUSE, MAX_REFUSAL_PAUSE, RefusalPolicy
 from ..signer.server import SignerConfig, SignerServer
 from ..signer.worker import TpmWorker
 from ..store import TpmBinding
@@ -59,6 +60,10 @@ def command_serve(args: argparse.Namespace) -> int:
     host, port = parse_listen(args.listen)
     if not math.isfinite(args.approval_timeout) or args.approval_timeout <= 0:
         raise ConfigError(f"--approval-timeout must be a positive, finite number of seconds, not {args.approval_timeout}")
+    if args.refusal_limit < 1:
+        raise ConfigError(f"--refusal-limit must be at least 1, not {args.refusal_limit}")
+    if not math.isfinite(args.refusal_pause) or not 0 < args.refusal_pause <= MAX_REFUSAL_PAUSE:
+        raise ConfigError(f"--refusal-pause must be between 0 and {MAX_REFUSAL_PAUSE:g} seconds, not {args.refusal_pause}")
     approver = approver_from_spec(args.approver, timeout=args.approval_timeout)
     check_approver(approver)
     static_key = _static_key(home)
@@ -78,7 +83,12 @@ def command_serve(args: argparse.Namespace) -> int:
         static_key=static_key,
         devices=DeviceRegistry(home / DEVICES_FILE),
         approver=approver,
-        config=SignerConfig(host=host, port=port, approval_timeout=args.approval_timeout),
+        config=SignerConfig(
+            host=host,
+            port=port,
+            approval_timeout=args.approval_timeout,
+            refusals=RefusalPolicy(limit=args.refusal_limit, pause=args.refusal_pause),
+        ),
         audit_log=AuditLog(home / AUDIT_FILE),
     )
 
@@ -126,6 +136,22 @@ def add_parsers(commands) -> None:
         type=float,
         default=DEFAULT_APPROVAL_TIMEOUT,
         help=f"seconds to wait for an approval before refusing (default: {DEFAULT_APPROVAL_TIMEOUT:g})",
+    )
+    serve.add_argument(
+        "--refusal-limit",
+        type=int,
+        default=DEFAULT_REFUSAL_LIMIT,
+        metavar="N",
+        help="after N refusals in a row from one device, refuse its requests without asking for a while "
+        f"(default: {DEFAULT_REFUSAL_LIMIT})",
+    )
+    serve.add_argument(
+        "--refusal-pause",
+        type=float,
+        default=DEFAULT_REFUSAL_PAUSE,
+        metavar="SECONDS",
+        help="the first such pause; it doubles with each further refusal, up to "
+        f"{MAX_REFUSAL_PAUSE:g} s (default: {DEFAULT_REFUSAL_PAUSE:g})",
     )
     add_mdns_options(serve, "_tpmsigner._tcp")
     serve.set_defaults(handler=command_serve)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..audit import AuditLog, outcome_for_failure
 from ..errors import (
@@ -45,6 +46,7 @@ from .destination import DestinationError, check_destination
 from ..store import Identity, KeyStore
 from .approvers import DEFAULT_APPROVAL_TIMEOUT, ApprovalRequest, Approver
 from .devices import Device, DeviceRegistry
+from .refusals import RefusalPolicy, RefusalTracker
 from .worker import TpmWorker
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ class SignerConfig:
     host: str
     port: int
     approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT
+    refusals: RefusalPolicy = field(default_factory=RefusalPolicy)
 
 
 class SignerServer:
@@ -99,6 +102,7 @@ class SignerServer:
         self._revocation_task: asyncio.Task[None] | None = None
         self._devices_file_state: tuple[int, int, int] | None = None
         self._last_seen_written: dict[bytes, float] = {}
+        self.refusals = RefusalTracker(config.refusals)
 
     def next_serial(self) -> int:
         return next(self._serials)
@@ -395,6 +399,12 @@ class _AgentSession:
             logger.warning("request #%d from device %r names disabled key %r: rejected", serial, device, identity.label)
             return Failure(request_id, FailureCode.KEY_DISABLED, f"key {identity.label!r} is disabled")
 
+        # A device whose requests keep being refused is not allowed to
+        # keep the prompts coming (tpmsigner/signer/refusals.py).
+        paused = self._refusal_pause(request_id, serial)
+        if paused is not None:
+            return paused
+
         # No approver is asked for a PIN that the TPM would not check, because
         # during a lockout it rejects every PIN and an unreachable TPM signs nothing.
         refusal = await self._check_tpm_ready(request_id, serial)
@@ -458,8 +468,35 @@ class _AgentSession:
 
         pin = await self._ask(approval)
         if isinstance(pin, Failure):
+            self._count_refusal(pin)
             return Failure(request_id, pin.code, pin.message)
+        self.server.refusals.approved(self.device.public_key)
         return await self._sign_in_tpm(request, serial, identity, pin)
+
+    def _refusal_pause(self, request_id: int, serial: int) -> Failure | None:
+        """Refuse without a prompt while the device is paused after refusals in a row."""
+        refusals = self.server.refusals
+        remaining = refusals.remaining_pause(self.device.public_key)
+        if remaining <= 0:
+            return None
+        message = (
+            f"device {self.device.name!r} was refused {refusals.refusals_in_a_row(self.device.public_key)} "
+            f"times in a row; its requests are paused for {math.ceil(remaining)} s more"
+        )
+        logger.warning("request #%d: %s; rejected without asking", serial, message)
+        return Failure(request_id, FailureCode.DENIED, message)
+
+    def _count_refusal(self, failure: Failure) -> None:
+        if failure.code not in (FailureCode.DENIED, FailureCode.TIMED_OUT):
+            return
+        pause = self.server.refusals.refused(self.device.public_key)
+        if pause > 0:
+            logger.warning(
+                "device %r was refused %d times in a row; refusing its requests without asking for %g s",
+                self.device.name,
+                self.server.refusals.refusals_in_a_row(self.device.public_key),
+                pause,
+            )
 
     async def _check_tpm_ready(self, request_id: int, serial: int) -> Failure | None:
         worker = self.server.worker
