@@ -79,8 +79,8 @@ class AgentServer:
     def _peer_allowed(self, credentials: PeerCredentials | None) -> bool:
         """Accept only the agent's own uid and root, as OpenSSH's ssh-agent does.
 
-        The check uses the kernel's SO_PEERCRED record, so it holds even when
-        the socket's file mode or its directory has been loosened.
+        The check uses the kernel's SO_PEERCRED record, so it applies even
+        when the socket's file mode or its directory has been loosened.
         """
         if credentials is None:
             self._refusal_log.warning(

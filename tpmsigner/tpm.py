@@ -364,7 +364,7 @@ class Tpm:
                     return self._esapi
                 logger.warning(
                     "the TPM at %r was reset or restarted (reset count %d -> %d, restart count %d -> %d), so it "
-                    "no longer holds the storage key and session loaded before; opening a new context",
+                    "no longer has the storage key and session loaded before; opening a new context",
                     self.tcti,
                     self._startup_counts[0],
                     counts[0],
@@ -408,7 +408,7 @@ class Tpm:
         if code in _NOT_LOADED_CODES:
             self._reset(flush_handles=False)
             return TpmUnavailableError(
-                f"{what} failed: the TPM no longer holds the storage key or session loaded before ({exc}); "
+                f"{what} failed: the TPM no longer has the storage key or session loaded before ({exc}); "
                 "it was probably restarted during the command. The next request loads them again",
                 rc=int(exc.rc),
             )
@@ -478,9 +478,9 @@ class Tpm:
         """Prepare for a signature under storage parent ``parent`` and return the lockout state.
 
         Whatever can fail without a PIN fails here, before a person is asked
-        for one: the TPM is reconnected after a lost connection or a
-        restart, and unless it is in lockout, the parent is loaded (and
-        checked by ``parent_check``) and the salted session started.
+        for one.  The TPM is reconnected after a lost connection or a
+        restart.  Unless the TPM is in lockout, the parent is loaded and
+        checked by ``parent_check``, and the salted session is started.
         """
         with self._lock:
             try:

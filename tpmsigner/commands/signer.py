@@ -86,7 +86,7 @@ def _serve(
 ) -> None:
     # Fail now, not at the first request, if the TPM cannot be reached or
     # its storage key is not the one recorded for this home.  The calls go
-    # through the worker, so a TPM that does not answer stops serve after
+    # through the worker, so a TPM that does not respond stops serve after
     # --tpm-timeout instead of hanging it.
     worker.call_blocking(worker.tpm.check_parents, [int(handle, 16) for handle in TpmBinding(home).recorded()])
     if worker.call_blocking(worker.tpm.lockout_status).in_lockout:
@@ -146,8 +146,8 @@ def add_parsers(commands) -> None:
         "--tpm-timeout",
         type=float,
         default=TPM_CALL_TIMEOUT,
-        help="seconds to wait for the TPM to answer one call before failing the request; while that call "
-        f"is still unanswered, later requests fail at once (default: {TPM_CALL_TIMEOUT:g})",
+        help="seconds to wait for the TPM's response to one call before failing the request; while that "
+        f"call has no response, later requests fail at once (default: {TPM_CALL_TIMEOUT:g})",
     )
     add_mdns_options(serve, "_tpmsigner._tcp")
     serve.set_defaults(handler=command_serve)

@@ -225,8 +225,8 @@ class TtyApprover:
         try:
             fd = os.open(self.tty_path, os.O_RDWR | os.O_NOCTTY)
         except OSError as exc:
-            # serve checks for a terminal at start, so under serve the
-            # terminal went away later, e.g. closed while nohup kept serve.
+            # serve checks for a terminal at start, so under serve the terminal
+            # went away later, for example closed while serve ran under nohup.
             logger.error(
                 "request #%d: the tty approver has no terminal to ask on: %s cannot be opened (%s); denied. "
                 "Run serve in a terminal, or use --approver command:PROGRAM",

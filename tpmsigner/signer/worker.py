@@ -1,8 +1,8 @@
 """Run TPM calls on one dedicated thread, off the event loop.
 
-A TPM command cannot be interrupted: the swtpm and device TCTIs wait for
-the reply with no time limit, so a stopped emulator or a wedged bus keeps
-the thread inside the call.  The caller stops waiting after ``timeout``
+A TPM call cannot be interrupted: the synchronous ESAPI calls that
+tpm2-pytss makes wait for the response with no time limit (tpm2-tss 3.2),
+so a stopped emulator or a wedged bus keeps the thread inside the call.  The caller stops waiting after ``timeout``
 seconds, and while that call is still running, later calls are rejected
 at once instead of queueing behind it.  The thread is a daemon thread, so
 a call that never returns cannot keep the process from exiting.
@@ -65,9 +65,9 @@ class TpmWorker:
         overdue = self.overdue_seconds()
         if overdue is not None:
             raise TpmUnavailableError(
-                f"the TPM has not answered a command sent {overdue:.1f} s ago (the limit is {self.timeout:g} s), "
-                f"so requests are rejected until it answers; check that the TPM at {self.tpm.tcti!r} "
-                "(or swtpm) is running and not stopped"
+                f"the TPM has not responded to a command sent {overdue:.1f} s ago (the timeout is "
+                f"{self.timeout:g} s), so requests are rejected until it responds; check that the TPM at "
+                f"{self.tpm.tcti!r} (or swtpm) is running and not stopped"
             )
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._jobs.put((future, functools.partial(function, *args)))
@@ -93,7 +93,7 @@ class TpmWorker:
 
     def _timeout_error(self) -> TpmUnavailableError:
         return TpmUnavailableError(
-            f"the TPM at {self.tpm.tcti!r} did not answer within {self.timeout:g} s; check that it "
+            f"the TPM at {self.tpm.tcti!r} timed out: no response within {self.timeout:g} s; check that it "
             "(or swtpm) is running and not stopped"
         )
 
@@ -120,7 +120,7 @@ class TpmWorker:
             elapsed = time.monotonic() - started
             if elapsed > self.timeout:
                 logger.warning(
-                    "a TPM call returned after %.1f s, %.1f s past the time limit; the request it served "
+                    "a TPM call returned after %.1f s, %.1f s past the timeout; the request it served "
                     "had already failed, and TPM calls are accepted again",
                     elapsed,
                     elapsed - self.timeout,
