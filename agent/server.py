@@ -16,6 +16,7 @@ from tpmsigner.protocol.channel import StaticKey
 from tpmsigner.protocol.sessionbind import SESSION_BIND_EXTENSION, decode_session_bind, verify_session_bind
 from tpmsigner.protocol.signeddata import PURPOSE_SSH_LOGIN, describe_signed_data
 from tpmsigner.protocol.sshkeys import fingerprint_of_blob
+from tpmsigner.ratelimit import RateLimitedLogger
 
 from . import wire
 from .audit import AuditEntry
@@ -42,6 +43,8 @@ class AgentServer:
         self._key_owner: dict[bytes, SignerClient] = {}
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        # Another local user can connect as often as they like.
+        self._refusal_log = RateLimitedLogger(logger)
 
     async def start(self, sock: socket.socket) -> None:
         """Serve on an already bound and listening UNIX socket."""
@@ -64,9 +67,7 @@ class AgentServer:
         try:
             sock = writer.get_extra_info("socket")
             credentials = peer_credentials(sock) if sock is not None else None
-            if credentials is not None and credentials.uid not in (0, os.getuid()):
-                # As OpenSSH's ssh-agent does: only the owner (or root) may use it.
-                logger.warning("refused agent connection from uid %d (pid %d)", credentials.uid, credentials.pid)
+            if not self._peer_allowed(credentials):
                 return
             await self._serve(reader, writer, credentials)
         except asyncio.CancelledError:
@@ -74,6 +75,28 @@ class AgentServer:
         finally:
             self._connections.discard(task)
             writer.close()
+
+    def _peer_allowed(self, credentials: PeerCredentials | None) -> bool:
+        """Accept only the agent's own uid and root, as OpenSSH's ssh-agent does.
+
+        The check uses the kernel's SO_PEERCRED record, so it applies even
+        when the socket's file mode or its directory has been loosened.
+        """
+        if credentials is None:
+            self._refusal_log.warning(
+                "refused an agent connection: the kernel did not report the peer's uid (SO_PEERCRED)"
+            )
+            return False
+        if credentials.uid not in (0, os.getuid()):
+            self._refusal_log.warning(
+                "refused an agent connection from uid %d (pid %d): only uid %d, which runs this agent, and root "
+                "may use it",
+                credentials.uid,
+                credentials.pid,
+                os.getuid(),
+            )
+            return False
+        return True
 
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, credentials: PeerCredentials | None
@@ -265,4 +288,4 @@ class AgentServer:
         try:
             self.audit_log.append(entry.to_record(outcome, reason))
         except (OSError, TpmSignerError) as exc:
-            logger.error("cannot write the audit log %s: %s", self.audit_log.path, exc)
+            logger.error("the audit record of sign request %d was not written: %s", entry.request_id, exc)

@@ -1,11 +1,13 @@
-"""tpmsigner-agent run: background mode, socket permissions, socket reuse."""
+"""tpmsigner-agent run and trust: background mode, socket permissions, bad arguments.
+
+A killed agent's socket and a second agent on a live one are in test_faults.py.
+"""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
-import socket
 import subprocess
 
 import pytest
@@ -62,31 +64,6 @@ def test_background_mode_prints_ssh_agent_lines(chain: Chain, short_tmp_path) ->
     assert not os.path.exists(socket_path)
     assert "agent listening on" in log_file.read_text()
     assert os.stat(log_file).st_mode & 0o777 == 0o600
-
-
-def test_second_agent_refuses_live_socket(chain: Chain) -> None:
-    chain.start_agent()
-
-    result = run_agent_command(chain, "--socket", str(chain.agent_socket), "--foreground")
-
-    assert result.returncode == 1
-    assert "another agent is already serving" in result.stderr
-    assert chain.agent is not None and chain.agent.is_running()
-
-
-def test_stale_socket_is_replaced(chain: Chain) -> None:
-    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    stale.bind(str(chain.agent_socket))
-    stale.close()
-    assert chain.agent_socket.exists()
-
-    chain.start_agent()
-
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(chain.agent_socket))
-    finally:
-        probe.close()
 
 
 def test_socket_path_that_is_a_file_is_refused(chain: Chain) -> None:

@@ -134,15 +134,6 @@ def test_approver_exit_status_overrides_printed_pin(chain: Chain) -> None:
     assert "approver exited with status 3: denied" in chain.signer.log_text()
 
 
-def test_tty_approver_without_terminal_stops_serve(chain: Chain) -> None:
-    # chain.tpmsigner runs without a controlling terminal, as under systemd.
-    result = chain.tpmsigner("serve", "--listen", f"127.0.0.1:{chain.signer_port}", "--approver", "tty", check=False)
-
-    assert result.returncode == 1
-    assert "the tty approver needs a terminal" in result.stderr
-    assert "--approver command:PROGRAM" in result.stderr
-
-
 def read_terminal_until(master: int, marker: bytes, timeout: float) -> bytes:
     output = b""
     deadline = time.monotonic() + timeout

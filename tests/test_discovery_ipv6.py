@@ -157,10 +157,12 @@ class TwoHostChain(Chain):
             start_new_session=True,
         )
 
-    def _spawn(self, name: str, argv: list[str], controlling_tty: int | None = None) -> ManagedProcess:
+    def _spawn(
+        self, name: str, argv: list[str], controlling_tty: int | None = None, ignore_hangup: bool = False
+    ) -> ManagedProcess:
         # nsenter execs the program after joining, so the pid is the program's.
         namespace = self.hosts.signer.namespace if name == "signer" else self.hosts.agent.namespace
-        return super()._spawn(name, namespace.command(argv), controlling_tty)
+        return super()._spawn(name, namespace.command(argv), controlling_tty, ignore_hangup)
 
 
 @pytest.fixture

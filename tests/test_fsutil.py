@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tpmsigner import fsutil
-from tpmsigner.errors import ConfigError
+from tpmsigner.errors import ConfigError, StateWriteError
 from tpmsigner.fsutil import ensure_private_dir, read_secret_line, write_private_file
 
 SECRET = b"s3cret-PIN-9731"
@@ -134,7 +134,7 @@ def test_read_only_directory_keeps_old_file(tmp_path: Path) -> None:
     path.write_bytes(b"old")
     directory.chmod(0o500)
     try:
-        with pytest.raises(PermissionError):
+        with pytest.raises(StateWriteError, match=f"cannot write {path}: Permission denied"):
             write_private_file(path, b"new")
     finally:
         directory.chmod(0o700)

@@ -45,6 +45,7 @@ _EXPORTS = {
     "TpmKeyLoadError": "tpmsigner.errors",
     "TpmUnavailableError": "tpmsigner.errors",
     "KeyStoreError": "tpmsigner.errors",
+    "StateWriteError": "tpmsigner.errors",
     "IdentityNotFoundError": "tpmsigner.errors",
     "IdentityExistsError": "tpmsigner.errors",
 }
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
         IdentityExistsError,
         IdentityNotFoundError,
         KeyStoreError,
+        StateWriteError,
         TpmAuthError,
         TpmError,
         TpmKeyLoadError,

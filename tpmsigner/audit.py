@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, StateWriteError
 from .fsutil import ensure_private_dir
 from .protocol.messages import FailureCode
 
@@ -109,12 +109,30 @@ class AuditLog:
                 self._rotate()
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
-                os.write(fd, line + b"\n")
-                os.fsync(fd)
+                self._append_line(fd, line + b"\n")
             finally:
                 os.close(fd)
             self._last_hash = line_hash(line)
             return entry
+
+    def _append_line(self, fd: int, line: bytes) -> None:
+        """Write ``line`` at the end of the open log and flush it, or leave the log as it was.
+
+        A full disk can take the first part of a line and reject the rest,
+        so after any failure the file is cut back to its old size: a partial
+        line would break the chain for every later line.
+        """
+        size_before = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(line):
+                written += os.write(fd, line[written:])
+            os.fsync(fd)
+        except OSError as exc:
+            os.ftruncate(fd, size_before)
+            raise StateWriteError(
+                f"cannot append to the audit log {self.path}: {exc.strerror or exc}; the log is unchanged"
+            ) from exc
 
     def _hash_of_last_line(self) -> str:
         for path in reversed(self.files()):

@@ -20,6 +20,13 @@ class KeyStoreError(TpmSignerError):
     """The key store cannot read or write an identity."""
 
 
+class StateWriteError(TpmSignerError, OSError):
+    """A state file could not be written (a full disk, say); the previous version is unchanged.
+
+    It is also an OSError, so code that handles failed writes as OSError keeps working.
+    """
+
+
 class IdentityNotFoundError(KeyStoreError):
     """No identity with the requested label or public key exists."""
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, StateWriteError
 
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
@@ -45,9 +46,24 @@ def write_private_file(path: Path, data: bytes) -> None:
     disk, and is renamed over the target, so a crash or a full disk leaves
     either the old file or the new one, never a mix.  The directory is
     fsynced so the rename itself survives a power loss.
+
+    Raise StateWriteError, naming ``path``, when the new file cannot be
+    written; the old file is then unchanged and no temporary file is left.
     """
     directory = path.parent
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        _write_and_rename(path, data)
+    except OSError as exc:
+        hint = ". Free some disk space and try again" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise StateWriteError(
+            f"cannot write {path}: {exc.strerror or exc}; the previous version of the file is unchanged{hint}"
+        ) from exc
+
+    fsync_directory(directory)
+
+
+def _write_and_rename(path: Path, data: bytes) -> None:
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as temp_file:
             os.fchmod(temp_file.fileno(), PRIVATE_FILE_MODE)
@@ -61,8 +77,6 @@ def write_private_file(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-
-    fsync_directory(directory)
 
 
 def fsync_directory(directory: Path) -> None:

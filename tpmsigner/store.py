@@ -216,7 +216,11 @@ class KeyStore:
             raise IdentityExistsError(f"an identity labelled {label!r} already exists in {self.keys_dir}")
 
     def add(self, label: str, blob: TpmKeyBlob, description: str | None = None) -> Identity:
-        """Store a new identity; the key file is written before its metadata."""
+        """Store a new identity; the key file is written before its metadata.
+
+        If the metadata cannot be written (a full disk, say), the key file
+        is removed again, so a failed add leaves no half identity behind.
+        """
         key_path, _ = self._paths(label)
         ensure_private_dir(self.home)
         ensure_private_dir(self.keys_dir)
@@ -232,7 +236,11 @@ class KeyStore:
             description=description,
         )
         write_private_file(key_path, encode_key_file(blob))
-        self._write_metadata(identity)
+        try:
+            self._write_metadata(identity)
+        except BaseException:
+            key_path.unlink(missing_ok=True)
+            raise
         return identity
 
     def set_enabled(self, label: str, enabled: bool) -> Identity:
@@ -275,7 +283,11 @@ class KeyStore:
         renamed = replace(identity, label=new_label, enabled=identity.enabled if enabled is None else enabled)
         new_key_path, _ = self._paths(new_label)
         write_private_file(new_key_path, encode_key_file(blob))
-        self._write_metadata(renamed)
+        try:
+            self._write_metadata(renamed)
+        except BaseException:
+            new_key_path.unlink(missing_ok=True)
+            raise
         self.delete(label)
         return renamed
 

@@ -117,6 +117,13 @@ _CONNECTION_BASE_CODES = {
     TSS2_RC.BASE_RC_NO_CONNECTION & _TSS_BASE_MASK,
     TSS2_RC.BASE_RC_TRY_AGAIN & _TSS_BASE_MASK,
 }
+# TPM_RC_REFERENCE_H0..H6 and _S0..S6 (TPM 2.0 Library Part 2, section 6.6, TPM_RC):
+# a handle or session in the command is not loaded.  For handles this
+# program cached, that means the TPM was restarted under it.
+_NOT_LOADED_CODES = {
+    *range(TPM2_RC.REFERENCE_H0, TPM2_RC.REFERENCE_H6 + 1),
+    *range(TPM2_RC.REFERENCE_S0, TPM2_RC.REFERENCE_S6 + 1),
+}
 
 
 @dataclass(frozen=True)
@@ -190,6 +197,12 @@ def _is_connection_error(exc: TSS2_Exception) -> bool:
     return bool(rc & _TSS_LAYER_MASK) and (rc & _TSS_BASE_MASK) in _CONNECTION_BASE_CODES
 
 
+def _startup_counts(esapi: ESAPI) -> tuple[int, int]:
+    """Return the TPM's (resetCount, restartCount), read with TPM2_ReadClock."""
+    clock_info = esapi.read_clock().clockInfo
+    return int(clock_info.resetCount), int(clock_info.restartCount)
+
+
 # TPM 2.0 Library Part 2, section 6.13 (TPM_PT): fixed and variable properties.
 PT_MANUFACTURER = 0x105
 PT_VENDOR_STRING = (0x106, 0x107, 0x108, 0x109)
@@ -236,8 +249,10 @@ class Tpm:
     """A TPM reached through one TCTI, with a lazily opened ESAPI context.
 
     If the TPM connection fails, the context is dropped and the next call
-    opens a new one, so a restarted TPM (or swtpm) is picked up without
-    restarting the program.
+    opens a new one.  Before a command uses the cached storage key or
+    session, the TPM's reset and restart counts are compared with those
+    seen when they were loaded, so a restarted TPM (or swtpm) is picked up
+    without restarting the program and without a failed request.
     """
 
     def __init__(
@@ -262,6 +277,8 @@ class Tpm:
         self._flush_parents: set[int] = set()
         self._session: ESYS_TR | None = None
         self._algorithms: set[int] | None = None
+        # (resetCount, restartCount) when the context was opened.
+        self._startup_counts: tuple[int, int] | None = None
 
     # ---- context lifecycle -------------------------------------------------
 
@@ -276,22 +293,28 @@ class Tpm:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _reset(self) -> None:
+    def _reset(self, *, flush_handles: bool = True) -> None:
+        """Drop the context and every cached handle; flush those handles first if ``flush_handles``.
+
+        After a TPM restart the handle numbers may already name another
+        client's objects, so that caller passes ``flush_handles=False``.
+        """
         esapi, self._esapi = self._esapi, None
         session, self._session = self._session, None
         parents, self._parents = self._parents, {}
         flush_parents, self._flush_parents = self._flush_parents, set()
         self._algorithms = None
+        self._startup_counts = None
         if esapi is None:
             return
 
         # Best effort: after a lost connection these calls fail too, and a
         # restarted TPM has dropped its transient objects and sessions anyway.
         try:
-            if session is not None:
+            if flush_handles and session is not None:
                 esapi.flush_context(session)
             for parent_handle, handle in parents.items():
-                if parent_handle in flush_parents:
+                if flush_handles and parent_handle in flush_parents:
                     esapi.flush_context(handle)
         except TSS2_Exception as exc:
             logger.debug("flushing TPM handles on reset failed: %s", exc)
@@ -313,6 +336,46 @@ class Tpm:
             if self.flush_stale_handles and self.tcti.split(":", 1)[0] in _NO_RESOURCE_MANAGER_TCTIS:
                 self._flush_stale_handles(self._esapi)
         return self._esapi
+
+    def _current_context(self) -> ESAPI:
+        """Return a context whose cached handles still exist in the TPM, reconnecting if needed.
+
+        resetCount and restartCount change only when the TPM is reset,
+        restarted or cleared (TPM 2.0 Library Part 2, section 10.11.1,
+        TPMS_CLOCK_INFO), and each of these drops the transient objects and
+        sessions loaded before.  The swtpm TCTI connects anew for every
+        command, so after swtpm restarts on the same port nothing else shows
+        that the storage key and session cached here are gone.  Callers run
+        this before a PIN is used, so a reconnection never resends a PIN.
+        """
+        if self._esapi is not None:
+            try:
+                counts = _startup_counts(self._esapi)
+            except TSS2_Exception as exc:
+                if not _is_connection_error(exc):
+                    raise
+                logger.warning("lost the connection to the TPM at %r (%s); reconnecting", self.tcti, exc)
+                self._reset()
+            else:
+                if self._startup_counts is None:
+                    # Opened by a call that caches no handles, so nothing can be stale yet.
+                    self._startup_counts = counts
+                if counts == self._startup_counts:
+                    return self._esapi
+                logger.warning(
+                    "the TPM at %r was reset or restarted (reset count %d -> %d, restart count %d -> %d), so it "
+                    "no longer has the storage key and session loaded before; opening a new context",
+                    self.tcti,
+                    self._startup_counts[0],
+                    counts[0],
+                    self._startup_counts[1],
+                    counts[1],
+                )
+                self._reset(flush_handles=False)
+
+        esapi = self._context()
+        self._startup_counts = _startup_counts(esapi)
+        return esapi
 
     def _flush_stale_handles(self, esapi: ESAPI) -> None:
         """Flush transient objects and sessions that a killed process left behind.
@@ -340,6 +403,13 @@ class Tpm:
             return TpmUnavailableError(
                 f"{what} failed: lost the connection to the TPM at {self.tcti!r} ({exc}); "
                 "the next request reconnects",
+                rc=int(exc.rc),
+            )
+        if code in _NOT_LOADED_CODES:
+            self._reset(flush_handles=False)
+            return TpmUnavailableError(
+                f"{what} failed: the TPM no longer has the storage key or session loaded before ({exc}); "
+                "it was probably restarted during the command. The next request loads them again",
                 rc=int(exc.rc),
             )
 
@@ -403,6 +473,25 @@ class Tpm:
                 return self._lockout_status()
             except TSS2_Exception as exc:
                 raise self._translate(exc, "reading the lockout state") from None
+
+    def check_ready(self, parent: int) -> LockoutStatus:
+        """Prepare for a signature under storage parent ``parent`` and return the lockout state.
+
+        Whatever can fail without a PIN fails here, before a person is asked
+        for one.  The TPM is reconnected after a lost connection or a
+        restart.  Unless the TPM is in lockout, the parent is loaded and
+        checked by ``parent_check``, and the salted session is started.
+        """
+        with self._lock:
+            try:
+                self._current_context()
+                status = self._lockout_status()
+                if not status.in_lockout:
+                    self._parent(parent)
+                    self._hmac_session(parent)
+            except TSS2_Exception as exc:
+                raise self._translate(exc, "preparing the TPM") from None
+        return status
 
     def info(self) -> TpmInfo:
         """Return the manufacturer, firmware version and lockout state."""
@@ -543,6 +632,7 @@ class Tpm:
 
         with self._lock:
             try:
+                self._current_context()
                 if not self._supports(key_type):
                     supported = [other.name for other in KEY_TYPES.values() if self._supports(other)]
                     raise UnsupportedByTpmError(
@@ -622,6 +712,7 @@ class Tpm:
 
         with self._lock:
             try:
+                self._current_context()
                 hash_alg = self._check_hash(hash_name)
                 self._refuse_during_lockout("signing")
             except TSS2_Exception as exc:
@@ -684,7 +775,12 @@ class Tpm:
     def check_parents(self, parents: list[int]) -> None:
         """Load each storage parent, so that ``parent_check`` compares its name now."""
         with self._lock:
-            for parent in parents or [self._default_parent()]:
+            try:
+                self._current_context()
+                parents = parents or [self._default_parent()]
+            except TSS2_Exception as exc:
+                raise self._translate(exc, "opening the TPM") from None
+            for parent in parents:
                 try:
                     self._parent(parent)
                 except TSS2_Exception as exc:
@@ -694,6 +790,10 @@ class Tpm:
         """Load and flush a wrapped key, to prove it belongs to this TPM; needs no PIN."""
         public_key_of(blob)
         with self._lock:
+            try:
+                self._current_context()
+            except TSS2_Exception as exc:
+                raise self._translate(exc, "opening the TPM") from None
             key_handle, _ = self._load(blob)
             self._flush_quietly(key_handle)
 
@@ -709,6 +809,7 @@ class Tpm:
         public_key_of(blob)
         with self._lock:
             try:
+                self._current_context()
                 self._refuse_during_lockout("changing the PIN")
             except TSS2_Exception as exc:
                 raise self._translate(exc, "changing the PIN") from None

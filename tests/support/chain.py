@@ -84,6 +84,9 @@ class Chain:
     tcti: str
     signer_port: int = field(default_factory=free_port)
     mdns: bool = False
+    # Put before every tpmsigner and tpmsigner-agent command line, for
+    # example to run them in another mount namespace (see small_disk.py).
+    command_prefix: list[str] = field(default_factory=list)
     signer: ManagedProcess | None = None
     agent: ManagedProcess | None = None
 
@@ -129,9 +132,13 @@ class Chain:
         environment.pop("TPMSIGNER_AGENT_HOME", None)
         return environment
 
+    def tpmsigner_command(self) -> list[str]:
+        """Return the argv that runs ``tpmsigner`` on the signer's home, before the subcommand."""
+        return [*self.command_prefix, *SIGNER_COMMAND, "--home", str(self.signer_home)]
+
     def tpmsigner(self, *args: str, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*SIGNER_COMMAND, "--home", str(self.signer_home), *args],
+            [*self.tpmsigner_command(), *args],
             env=self.environment(),
             capture_output=True,
             text=True,
@@ -143,7 +150,7 @@ class Chain:
 
     def tpmsigner_agent(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*AGENT_COMMAND, "--home", str(self.agent_home), *args],
+            [*self.command_prefix, *AGENT_COMMAND, "--home", str(self.agent_home), *args],
             env=self.environment(),
             capture_output=True,
             text=True,
@@ -170,12 +177,21 @@ class Chain:
 
     # ---- daemons -----------------------------------------------------------
 
-    def _spawn(self, name: str, argv: list[str], controlling_tty: int | None = None) -> ManagedProcess:
-        """Start a daemon in a new session, with ``controlling_tty`` as its terminal if given."""
+    def _spawn(
+        self, name: str, argv: list[str], controlling_tty: int | None = None, ignore_hangup: bool = False
+    ) -> ManagedProcess:
+        """Start a daemon in a new session, with ``controlling_tty`` as its terminal if given.
+
+        ``ignore_hangup`` sets SIGHUP to be ignored, as nohup does, so the
+        daemon outlives the closing of its terminal.
+        """
         self._logs += 1
         log_file = self.workdir / f"{name}-{self._logs}.log"
+        argv = [*self.command_prefix, *argv]
 
         def take_terminal() -> None:
+            if ignore_hangup:
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
             if controlling_tty is not None:
                 fcntl.ioctl(controlling_tty, termios.TIOCSCTTY, 0)
 
@@ -198,6 +214,7 @@ class Chain:
         approval_timeout: float = 20.0,
         approver: str | None = None,
         controlling_tty: int | None = None,
+        ignore_hangup: bool = False,
     ) -> ManagedProcess:
         argv = [
             *SIGNER_COMMAND,
@@ -215,7 +232,7 @@ class Chain:
             *([] if self.mdns else ["--no-mdns"]),
             *extra_args,
         ]
-        signer = self._spawn("signer", argv, controlling_tty)
+        signer = self._spawn("signer", argv, controlling_tty, ignore_hangup)
         self.signer = signer
         self._wait_for_log(signer, "signer listening on")
         return signer

@@ -112,6 +112,8 @@ class NamespacedChain(Chain):
             start_new_session=True,
         )
 
-    def _spawn(self, name: str, argv: list[str], controlling_tty: int | None = None) -> ManagedProcess:
+    def _spawn(
+        self, name: str, argv: list[str], controlling_tty: int | None = None, ignore_hangup: bool = False
+    ) -> ManagedProcess:
         # nsenter execs the program after joining, so the pid is the program's.
-        return super()._spawn(name, self.namespace.command(argv), controlling_tty)
+        return super()._spawn(name, self.namespace.command(argv), controlling_tty, ignore_hangup)

@@ -14,11 +14,11 @@ from ..discovery import SIGNER_SERVICE, Advertiser
 from ..errors import ConfigError
 from ..fsutil import ensure_private_dir
 from ..protocol.channel import StaticKey, format_public_key, parse_public_key, public_key_fingerprint
-from ..signer.approvers import DEFAULT_APPROVAL_TIMEOUT, approver_from_spec, check_approver
+from ..signer.approvers import DEFAULT_APPROVAL_TIMEOUT, Approver, approver_from_spec, check_approver
 from ..signer.devices import DeviceRegistry
 from ..signer.refusals import DEFAULT_REFUSAL_LIMIT, DEFAULT_REFUSAL_PAUSE, MAX_REFUSAL_PAUSE, RefusalPolicy
 from ..signer.server import SignerConfig, SignerServer
-from ..signer.worker import TpmWorker
+from ..signer.worker import TPM_CALL_TIMEOUT, TpmWorker
 from ..store import TpmBinding
 from .common import key_store, open_tpm, resolve_home
 
@@ -64,31 +64,50 @@ def command_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--refusal-limit must be at least 1, not {args.refusal_limit}")
     if not math.isfinite(args.refusal_pause) or not 0 < args.refusal_pause <= MAX_REFUSAL_PAUSE:
         raise ConfigError(f"--refusal-pause must be between 0 and {MAX_REFUSAL_PAUSE:g} seconds, not {args.refusal_pause}")
+    if not math.isfinite(args.tpm_timeout) or args.tpm_timeout <= 0:
+        raise ConfigError(f"--tpm-timeout must be a positive, finite number of seconds, not {args.tpm_timeout}")
+    config = SignerConfig(
+        host=host,
+        port=port,
+        approval_timeout=args.approval_timeout,
+        refusals=RefusalPolicy(limit=args.refusal_limit, pause=args.refusal_pause),
+    )
     approver = approver_from_spec(args.approver, timeout=args.approval_timeout)
     check_approver(approver)
     static_key = _static_key(home)
 
     # serve owns the TPM while it runs, so on an emulator without a resource
     # manager it may flush what a killed earlier run left loaded.
-    tpm = open_tpm(args, flush_stale_handles=True)
+    worker = TpmWorker(open_tpm(args, flush_stale_handles=True), timeout=args.tpm_timeout)
+    try:
+        _serve(args, home, config, approver, static_key, worker)
+    finally:
+        worker.close()
+    return 0
+
+
+def _serve(
+    args: argparse.Namespace,
+    home: Path,
+    config: SignerConfig,
+    approver: Approver,
+    static_key: StaticKey,
+    worker: TpmWorker,
+) -> None:
     # Fail now, not at the first request, if the TPM cannot be reached or
-    # its storage key is not the one recorded for this home.
-    tpm.check_parents([int(handle, 16) for handle in TpmBinding(home).recorded()])
-    if tpm.lockout_status().in_lockout:
+    # its storage key is not the one recorded for this home.  The calls go
+    # through the worker, so a TPM that does not respond stops serve after
+    # --tpm-timeout instead of hanging it.
+    worker.call_blocking(worker.tpm.check_parents, [int(handle, 16) for handle in TpmBinding(home).recorded()])
+    if worker.call_blocking(worker.tpm.lockout_status).in_lockout:
         logger.warning("the TPM is in dictionary-attack lockout; requests are rejected until it ends")
-    worker = TpmWorker(tpm)
     server = SignerServer(
         store=key_store(args),
         worker=worker,
         static_key=static_key,
         devices=DeviceRegistry(home / DEVICES_FILE),
         approver=approver,
-        config=SignerConfig(
-            host=host,
-            port=port,
-            approval_timeout=args.approval_timeout,
-            refusals=RefusalPolicy(limit=args.refusal_limit, pause=args.refusal_pause),
-        ),
+        config=config,
         audit_log=AuditLog(home / AUDIT_FILE),
     )
 
@@ -102,7 +121,7 @@ def command_serve(args: argparse.Namespace) -> int:
             raise ConfigError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from None
         if args.mdns:
             advertiser = Advertiser(
-                SIGNER_SERVICE, server.port, public_key_fingerprint(static_key.public), host, args.interface
+                SIGNER_SERVICE, server.port, public_key_fingerprint(static_key.public), config.host, args.interface
             )
             await advertiser.start()
 
@@ -111,11 +130,7 @@ def command_serve(args: argparse.Namespace) -> int:
             await advertiser.close()
         await server.close()
 
-    try:
-        serve_until_signal(start, close)
-    finally:
-        worker.close()
-    return 0
+    serve_until_signal(start, close)
 
 
 def add_parsers(commands) -> None:
@@ -152,6 +167,13 @@ def add_parsers(commands) -> None:
         metavar="SECONDS",
         help="the first such pause; it doubles with each further refusal, up to "
         f"{MAX_REFUSAL_PAUSE:g} s (default: {DEFAULT_REFUSAL_PAUSE:g})",
+    )
+    serve.add_argument(
+        "--tpm-timeout",
+        type=float,
+        default=TPM_CALL_TIMEOUT,
+        help="seconds to wait for the TPM's response to one call before failing the request; while that "
+        f"call has no response, later requests fail at once (default: {TPM_CALL_TIMEOUT:g})",
     )
     add_mdns_options(serve, "_tpmsigner._tcp")
     serve.set_defaults(handler=command_serve)

@@ -225,35 +225,54 @@ class TtyApprover:
         try:
             fd = os.open(self.tty_path, os.O_RDWR | os.O_NOCTTY)
         except OSError as exc:
-            logger.error("request #%d: no terminal to ask on (%s): denied", request.request_id, exc.strerror)
+            # serve checks for a terminal at start, so under serve the terminal
+            # went away later, for example closed while serve ran under nohup.
+            logger.error(
+                "request #%d: the tty approver has no terminal to ask on: %s cannot be opened (%s); denied. "
+                "Run serve in a terminal, or use --approver command:PROGRAM",
+                request.request_id,
+                self.tty_path,
+                exc.strerror,
+            )
             return None
 
         try:
-            old_attributes = termios.tcgetattr(fd)
-            no_echo = termios.tcgetattr(fd)
-            no_echo[3] &= ~termios.ECHO
-            # Echo goes off, and anything typed before the prompt is
-            # discarded (TCSAFLUSH), before the prompt is shown: a line typed
-            # ahead was not typed in answer to this request.
-            termios.tcsetattr(fd, termios.TCSAFLUSH, no_echo)
-            try:
-                os.write(fd, (
-                    "\n" + request.summary() + "\n"
-                    f"PIN for {request.key_label} (empty line refuses): "
-                ).encode("utf-8"))
-                pin = _read_line(fd, deadline, cancelled)
-            finally:
-                termios.tcsetattr(fd, termios.TCSANOW, old_attributes)
-            if cancelled.is_set():
-                os.write(fd, f"\nrequest #{request.request_id} expired or was withdrawn; nothing was signed\n".encode())
-            else:
-                os.write(fd, b"\n")
+            pin = _ask_on_terminal(fd, request, deadline, cancelled)
+        except (OSError, termios.error) as exc:
+            logger.error(
+                "request #%d: the terminal %s failed while asking for the PIN (%s); denied. Was the terminal closed?",
+                request.request_id,
+                self.tty_path,
+                exc,
+            )
+            return None
         finally:
             os.close(fd)
+        return pin or None
 
-        if not pin:
-            return None
-        return pin
+
+def _ask_on_terminal(fd: int, request: ApprovalRequest, deadline: float, cancelled: threading.Event) -> str | None:
+    """Show the request on the terminal ``fd`` and read the PIN with echo off."""
+    old_attributes = termios.tcgetattr(fd)
+    no_echo = termios.tcgetattr(fd)
+    no_echo[3] &= ~termios.ECHO
+    # Echo goes off, and anything typed before the prompt is
+    # discarded (TCSAFLUSH), before the prompt is shown: a line typed
+    # ahead was not typed in answer to this request.
+    termios.tcsetattr(fd, termios.TCSAFLUSH, no_echo)
+    try:
+        os.write(fd, (
+            "\n" + request.summary() + "\n"
+            f"PIN for {request.key_label} (empty line refuses): "
+        ).encode("utf-8"))
+        pin = _read_line(fd, deadline, cancelled)
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, old_attributes)
+    if cancelled.is_set():
+        os.write(fd, f"\nrequest #{request.request_id} expired or was withdrawn; nothing was signed\n".encode())
+    else:
+        os.write(fd, b"\n")
+    return pin
 
 
 def _read_line(fd: int, deadline: float, cancelled: threading.Event) -> str | None:

@@ -22,6 +22,7 @@ from ..errors import (
     TpmError,
     TpmKeyLoadError,
     TpmLockoutError,
+    TpmUnavailableError,
     UnsupportedByTpmError,
 )
 from ..protocol import channel
@@ -44,6 +45,7 @@ from ..protocol.sshkeys import fingerprint_of_blob
 from ..identities import sign_data
 from .destination import DestinationError, check_destination
 from ..store import Identity, KeyStore
+from ..tpm import LockoutStatus, Tpm
 from .approvers import DEFAULT_APPROVAL_TIMEOUT, ApprovalRequest, Approver
 from .devices import Device, DeviceRegistry
 from .refusals import RefusalPolicy, RefusalTracker
@@ -114,7 +116,7 @@ class SignerServer:
         try:
             self.audit_log.append(record)
         except (OSError, TpmSignerError) as exc:
-            logger.error("cannot write the audit log %s: %s", self.audit_log.path, exc)
+            logger.error("the audit record of request #%s was not written: %s", record.get("request_id"), exc)
 
     @property
     def port(self) -> int:
@@ -407,7 +409,7 @@ class _AgentSession:
 
         # No approver is asked for a PIN that the TPM would not check, because
         # during a lockout it rejects every PIN and an unreachable TPM signs nothing.
-        refusal = await self._check_tpm_ready(request_id, serial)
+        refusal = await self._check_tpm_ready(request_id, serial, identity)
         if refusal is not None:
             return refusal
 
@@ -498,13 +500,17 @@ class _AgentSession:
                 pause,
             )
 
-    async def _check_tpm_ready(self, request_id: int, serial: int) -> Failure | None:
+    async def _check_tpm_ready(self, request_id: int, serial: int, identity: Identity) -> Failure | None:
+        """Reconnect and load the key's storage parent if needed; return a Failure if no PIN should be asked."""
         worker = self.server.worker
         try:
-            status = await worker.call(worker.tpm.lockout_status)
+            status = await worker.call(_check_ready_for, worker.tpm, self.server.store, identity)
         except TpmError as exc:
-            logger.error("request #%d: %s", serial, exc)
-            return Failure(request_id, FailureCode.TPM_ERROR, "the signer cannot reach its TPM")
+            logger.error("request #%d: %s; not asking for a PIN", serial, exc)
+            return Failure(request_id, FailureCode.TPM_ERROR, "the signer's TPM is not ready; see the signer's log")
+        except KeyStoreError as exc:
+            logger.error("request #%d: key %r: %s", serial, identity.label, exc)
+            return Failure(request_id, FailureCode.INTERNAL_ERROR, "the signer cannot read its key store")
         if status.in_lockout:
             logger.error(
                 "request #%d: the TPM is in dictionary-attack lockout; not asking for a PIN. The next try "
@@ -552,6 +558,13 @@ class _AgentSession:
         except UnsupportedByTpmError as exc:
             logger.error("request #%d: key %r: %s", serial, identity.label, exc)
             return Failure(request_id, FailureCode.UNSUPPORTED, str(exc))
+        except TpmUnavailableError as exc:
+            # The TPM may have seen the PIN already, so it is never sent again:
+            # a retry could count a wrong PIN twice or sign twice.
+            logger.error("request #%d: %s; this request fails and its PIN is not sent again", serial, exc)
+            return Failure(
+                request_id, FailureCode.TPM_ERROR, "the signer lost its TPM while signing; see the signer's log"
+            )
         except (TpmError, KeyStoreError) as exc:
             logger.error("request #%d: %s", serial, exc)
             return Failure(request_id, FailureCode.TPM_ERROR, "the signer's TPM failed; see the signer's log")
@@ -562,3 +575,8 @@ class _AgentSession:
         except (KeyStoreError, OSError) as exc:
             logger.warning("request #%d: could not record the last use of %r: %s", serial, identity.label, exc)
         return SignReply(request_id, signature)
+
+
+def _check_ready_for(tpm: Tpm, store: KeyStore, identity: Identity) -> LockoutStatus:
+    """Prepare ``tpm`` for a signature by ``identity``; runs on the TPM thread."""
+    return tpm.check_ready(store.key_blob(identity).parent)
