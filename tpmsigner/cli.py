@@ -18,7 +18,7 @@ def _configure_tss_logging() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .commands import identities, pairing, signer, status
+    from .commands import certificates, identities, pairing, signer, status
 
     parser = argparse.ArgumentParser(prog="tpmsigner", description="SSH keys held in a TPM, approved per signature.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     identities.add_parsers(commands)
+    certificates.add_parsers(commands)
     status.add_parsers(commands)
     signer.add_parsers(commands)
     pairing.add_parsers(commands)

@@ -78,6 +78,10 @@ class ProtocolError(TpmSignerError):
     """A peer sent a message that does not follow the wire format."""
 
 
+class CertificateError(ProtocolError):
+    """An OpenSSH certificate is malformed, of an unsupported kind, or not for the identity."""
+
+
 class ChannelError(TpmSignerError):
     """The encrypted channel between agent and signer failed."""
 

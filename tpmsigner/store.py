@@ -3,8 +3,9 @@
 Layout of ``HOME/keys/``, one pair of files per identity:
 
 - ``LABEL.tss``: the TPM-wrapped key, in the TSS2 PRIVATE KEY PEM format;
-- ``LABEL.json``: label, key type, public key, fingerprint, creation time
-  and whether the identity is enabled.
+- ``LABEL.json``: label, key type, public key, fingerprint, creation time,
+  whether the identity is enabled, and the identity's OpenSSH certificate
+  if it has one.
 
 Nothing here talks to the TPM, so listing identities works without one.
 """
@@ -15,13 +16,23 @@ import base64
 import json
 import os
 import re
+import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 
-from .errors import IdentityExistsError, IdentityNotFoundError, KeyFileError, KeyStoreError, TpmBindingError
+from .errors import (
+    CertificateError,
+    IdentityExistsError,
+    IdentityNotFoundError,
+    KeyFileError,
+    KeyStoreError,
+    TpmBindingError,
+)
 from .fsutil import ensure_private_dir, fsync_directory, write_private_file
 from .keyfile import decode_key_file, encode_key_file
+from .protocol.certificates import Certificate, decode_certificate
 from .protocol.sshkeys import EcdsaPublicKey, SshPublicKey, fingerprint_of_blob, public_key_from_blob
 from .tpm import TpmKeyBlob, public_key_of
 
@@ -75,10 +86,29 @@ class Identity:
     # SHA256 fingerprints of the only server host keys this identity may log
     # in to; empty means no restriction.
     allowed_host_keys: tuple[str, ...] = ()
+    # An OpenSSH user certificate of this identity's key, as a blob.
+    certificate_blob: bytes | None = None
 
     @property
     def public_key(self) -> SshPublicKey:
         return public_key_from_blob(self.public_key_blob)
+
+    @cached_property
+    def certificate(self) -> Certificate | None:
+        """The parsed certificate, if the identity has one."""
+        if self.certificate_blob is None:
+            return None
+        return decode_certificate(self.certificate_blob)
+
+    def agent_key_blobs(self) -> tuple[bytes, ...]:
+        """Return the blobs an agent lists for this identity: the key, then its certificate.
+
+        OpenSSH's ssh-agent lists a key and its certificate as two entries,
+        in the order ssh-add adds them: the key first.
+        """
+        if self.certificate_blob is None:
+            return (self.public_key_blob,)
+        return (self.public_key_blob, self.certificate_blob)
 
     def openssh_line(self) -> str:
         """Return the public key as an ``authorized_keys`` line, with the label as comment."""
@@ -88,6 +118,9 @@ class Identity:
         record = asdict(self)
         record["public_key_blob"] = base64.b64encode(self.public_key_blob).decode("ascii")
         record["allowed_host_keys"] = list(self.allowed_host_keys)
+        record["certificate_blob"] = (
+            None if self.certificate_blob is None else base64.b64encode(self.certificate_blob).decode("ascii")
+        )
         record["version"] = METADATA_VERSION
         return record
 
@@ -106,6 +139,7 @@ class Identity:
                 last_used=_field(record, "last_used", str, optional=True),
                 description=_field(record, "description", str, optional=True),
                 allowed_host_keys=tuple(_field(record, "allowed_host_keys", list, optional=True) or ()),
+                certificate_blob=_optional_base64(record, "certificate_blob"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise KeyFileError(f"{source}: missing or invalid field: {exc}") from None
@@ -114,6 +148,14 @@ class Identity:
             raise KeyFileError(f"{source}: allowed_host_keys must be a list of SHA256: fingerprints")
         if fingerprint_of_blob(identity.public_key_blob) != identity.fingerprint:
             raise KeyFileError(f"{source}: the fingerprint does not match the public key")
+        if identity.certificate_blob is not None:
+            try:
+                certificate = identity.certificate
+            except CertificateError as exc:
+                raise KeyFileError(f"{source}: invalid certificate: {exc}") from None
+            assert certificate is not None
+            if certificate.key_blob != identity.public_key_blob:
+                raise KeyFileError(f"{source}: the certificate is for another key than the identity's")
         return identity
 
     def to_display(self) -> dict[str, object]:
@@ -128,7 +170,15 @@ class Identity:
             "last_used": self.last_used,
             "description": self.description,
             "allowed_host_keys": list(self.allowed_host_keys),
+            "certificate": (
+                self.certificate.to_display(time.time(), self.label) if self.certificate is not None else None
+            ),
         }
+
+
+def _optional_base64(record: dict, name: str) -> bytes | None:
+    text = _field(record, name, str, optional=True)
+    return None if text is None else base64.b64decode(text, validate=True)
 
 
 def _field(record: dict, name: str, kind: type, optional: bool = False):
@@ -189,8 +239,9 @@ class KeyStore:
         return self._read_metadata(metadata_path)
 
     def find_by_public_key(self, blob: bytes) -> Identity:
+        """Return the identity whose key blob, or whose certificate blob, is ``blob``."""
         for identity in self.list():
-            if identity.public_key_blob == blob:
+            if blob in identity.agent_key_blobs():
                 return identity
         raise IdentityNotFoundError("no identity has the requested public key")
 
@@ -253,6 +304,19 @@ class KeyStore:
         identity = replace(self.get(label), allowed_host_keys=tuple(fingerprints))
         self._write_metadata(identity)
         return identity
+
+    def set_certificate(self, label: str, certificate: Certificate | None) -> Identity:
+        """Store ``certificate`` with identity ``label``, replacing any earlier one; None removes it.
+
+        The certificate must certify the identity's key: ValueError otherwise.
+        """
+        identity = self.get(label)
+        if certificate is not None and certificate.key_blob != identity.public_key_blob:
+            raise ValueError(f"the certificate is for another key than identity {label!r}")
+        blob = None if certificate is None else certificate.blob
+        updated = replace(identity, certificate_blob=blob)
+        self._write_metadata(updated)
+        return updated
 
     def record_use(self, identity: Identity) -> Identity:
         """Set ``last_used`` to now, keeping every other field as stored."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from ..keytypes import key_type_by_name
 from ..protocol.sshkeys import fingerprint_of_blob
 from ..store import validate_label
 from ..tpm import key_type_of
+from .certificates import certificate_rows, certificate_state
 from .common import confirm, key_store, open_tpm, print_json, print_table, read_new_pin, read_pin
 
 
@@ -41,9 +43,16 @@ def command_list(args: argparse.Namespace) -> int:
     if not identities:
         print("no identities; create one with 'tpmsigner keygen LABEL'", file=sys.stderr)
         return 0
+    now = time.time()
     print_table(
         [
-            (identity.label, identity.key_type, identity.fingerprint, "enabled" if identity.enabled else "disabled")
+            (
+                identity.label,
+                identity.key_type,
+                identity.fingerprint,
+                "enabled" if identity.enabled else "disabled",
+                certificate_state(identity, now),
+            )
             for identity in identities
         ]
     )
@@ -66,6 +75,7 @@ def command_show(args: argparse.Namespace) -> int:
             ("last used:", identity.last_used or "never"),
             *([("description:", identity.description)] if identity.description else []),
             *[("only for host:", fingerprint) for fingerprint in identity.allowed_host_keys],
+            *certificate_rows(identity, time.time()),
         ]
     )
     return 0

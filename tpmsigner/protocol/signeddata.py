@@ -8,7 +8,10 @@ Two forms are recognised:
 
 - a user authentication request, RFC 4252 section 7, in the ``publickey``
   form and in OpenSSH's ``publickey-hostbound-v00@openssh.com`` form
-  (OpenSSH PROTOCOL, section 2.5), which appends the server's host key;
+  (OpenSSH PROTOCOL, section 2.5), which appends the server's host key.
+  With a certificate (PROTOCOL.certkeys) its public key is the certificate
+  blob and its algorithm a certificate algorithm, such as
+  ``rsa-sha2-512-cert-v01@openssh.com``;
 - an SSHSIG signed-data blob, OpenSSH PROTOCOL.sshsig, made by
   ``ssh-keygen -Y sign``.
 
@@ -21,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from asyncssh.packet import PacketDecodeError, SSHPacket
+
+from .sshkeys import certified_key_blob
 
 SSH_MSG_USERAUTH_REQUEST = 50          # RFC 4250 section 4.1.2
 USERAUTH_METHOD_PUBLICKEY = b"publickey"
@@ -41,6 +46,8 @@ class SignedDataInfo:
     service: str | None = None        # "ssh-connection" for a login
     session_id: bytes | None = None   # exchange hash H of the SSH session
     host_key: bytes | None = None     # server host key blob, hostbound form only
+    algorithm: str | None = None      # public key algorithm of a userauth request
+    certificate: bytes | None = None  # certificate blob that a userauth request offers
     namespace: str | None = None      # SSHSIG namespace
     hash_algorithm: str | None = None  # SSHSIG message hash, "sha256" or "sha512"
 
@@ -55,8 +62,9 @@ class SignedDataInfo:
 def describe_signed_data(data: bytes, key_blob: bytes) -> SignedDataInfo:
     """Classify ``data`` that an agent client asked to sign with ``key_blob``.
 
-    A userauth request only counts as a login when it names the same key that
-    will sign it, because a mismatch cannot come from an honest ssh client.
+    A userauth request only counts as a login when it names the key that
+    will sign it, or a certificate of that key, because nothing else can
+    come from an honest ssh client.
     """
     login = _parse_userauth_request(data, key_blob)
     if login is not None:
@@ -87,14 +95,18 @@ def _parse_userauth_request(data: bytes, key_blob: bytes) -> SignedDataInfo | No
             return None
         if not packet.get_boolean():
             return None
-        packet.get_string()                 # signature algorithm name
+        algorithm = packet.get_string().decode("ascii")
         request_key_blob = packet.get_string()
         host_key = packet.get_string() if method == USERAUTH_METHOD_HOSTBOUND else None
         packet.check_end()
     except (PacketDecodeError, UnicodeDecodeError):
         return None
 
-    if request_key_blob != key_blob:
+    # When an agent lists a key and its certificate, OpenSSH's ssh (9.2,
+    # sign_and_send_pubkey) offers the certificate but requests the
+    # signature with the plain key.  Other clients name the certificate.
+    certified = certified_key_blob(request_key_blob)
+    if key_blob not in (request_key_blob, certified):
         return None
 
     return SignedDataInfo(
@@ -103,6 +115,8 @@ def _parse_userauth_request(data: bytes, key_blob: bytes) -> SignedDataInfo | No
         service=service,
         session_id=session_id,
         host_key=host_key,
+        algorithm=algorithm,
+        certificate=request_key_blob if certified is not None else None,
     )
 
 

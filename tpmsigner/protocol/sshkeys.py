@@ -171,6 +171,23 @@ class RsaPublicKey(_PublicKeyText):
 SshPublicKey = EcdsaPublicKey | RsaPublicKey
 
 
+@dataclass(frozen=True)
+class CertifiedKeyType:
+    """The plain key type inside a certificate type, and how many fields it has."""
+
+    key_type: str       # "ecdsa-sha2-nistp256", "ssh-rsa"
+    field_count: int    # strings or mpints after the type name in the plain key blob
+
+
+# The certificate types of PROTOCOL.certkeys for the key types tpmsigner
+# holds: an ECDSA key is curve name and point, an RSA key is e and n.
+CERTIFICATE_KEY_TYPES = {
+    "ecdsa-sha2-nistp256-cert-v01@openssh.com": CertifiedKeyType("ecdsa-sha2-nistp256", 2),
+    "ecdsa-sha2-nistp384-cert-v01@openssh.com": CertifiedKeyType("ecdsa-sha2-nistp384", 2),
+    "ssh-rsa-cert-v01@openssh.com": CertifiedKeyType(RSA_KEY_TYPE, 2),
+}
+
+
 def public_key_from_blob(blob: bytes) -> SshPublicKey:
     """Parse an ECDSA or RSA SSH key blob; raise ProtocolError for anything else."""
     try:
@@ -183,9 +200,36 @@ def public_key_from_blob(blob: bytes) -> SshPublicKey:
 
 
 def fingerprint_of_blob(blob: bytes) -> str:
-    """Return the OpenSSH SHA256 fingerprint of a public key blob."""
-    digest = hashlib.sha256(blob).digest()
+    """Return the OpenSSH SHA256 fingerprint of a public key blob.
+
+    A certificate's fingerprint is that of the key it certifies, as
+    ``ssh-keygen -l`` and ``ssh-add -l`` print it (OpenSSH 9.2 hashes the
+    plain key of a certificate).  A blob that does not parse is hashed as it is.
+    """
+    certified = certified_key_blob(blob)
+    digest = hashlib.sha256(blob if certified is None else certified).digest()
     return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+
+
+def certified_key_blob(blob: bytes) -> bytes | None:
+    """Return the plain key blob inside an OpenSSH certificate blob, or None for anything else.
+
+    PROTOCOL.certkeys: a certificate starts with its type and a nonce, then
+    the fields of the certified key in the order of the plain key blob.
+    Only the key types in CERTIFICATE_KEY_TYPES are recognised, and nothing
+    after the key fields is checked here.
+    """
+    try:
+        packet = SSHPacket(blob)
+        certificate_type = packet.get_string().decode("ascii")
+        certified = CERTIFICATE_KEY_TYPES.get(certificate_type)
+        if certified is None:
+            return None
+        packet.get_string()                 # nonce
+        fields = [packet.get_string() for _ in range(certified.field_count)]
+    except (PacketDecodeError, UnicodeDecodeError):
+        return None
+    return String(certified.key_type) + b"".join(String(field) for field in fields)
 
 
 def signature_scheme(key: SshPublicKey, flags: int = 0) -> SignatureScheme:

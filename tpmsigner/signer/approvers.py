@@ -47,6 +47,8 @@ class ApprovalRequest:
     destination_verified: bool = False  # the host key signed the session and is known_hosts' key for host
     host_key_fingerprint: str = ""      # of the server host key the session is bound to, if any
     forwarded: bool = False             # the request came through a forwarded agent
+    certificate_key_id: str | None = None  # key id of the certificate the request names, if it names one
+    certificate_status: str = ""        # "valid", "expired" or "not yet valid" when a certificate is named
 
     def environment(self) -> dict[str, str]:
         """Return the TPMSIGNER_* variables given to a ``command:`` approver."""
@@ -60,6 +62,9 @@ class ApprovalRequest:
             "TPMSIGNER_DESTINATION_VERIFIED": "yes" if self.destination_verified else "no",
             "TPMSIGNER_HOST_KEY_FINGERPRINT": self.host_key_fingerprint,
             "TPMSIGNER_FORWARDED": "yes" if self.forwarded else "no",
+            "TPMSIGNER_CERTIFICATE": "no" if self.certificate_key_id is None else "yes",
+            "TPMSIGNER_CERTIFICATE_KEY_ID": _printable(self.certificate_key_id or ""),
+            "TPMSIGNER_CERTIFICATE_STATUS": self.certificate_status,
         }
 
     def summary(self) -> str:
@@ -69,8 +74,10 @@ class ApprovalRequest:
             f"  device:      {self.device}",
             f"  process:     {_printable(self.process.describe())}",
             f"  key:         {self.key_label} ({self.key_fingerprint})",
-            f"  purpose:     {_printable(self.purpose)}",
         ]
+        if self.certificate_key_id is not None:
+            lines.append(f'  certificate: key id "{_printable(self.certificate_key_id)}" ({self.certificate_status})')
+        lines.append(f"  purpose:     {_printable(self.purpose)}")
         if self.destination:
             state = "verified" if self.destination_verified else "NOT verified"
             lines.append(f"  destination: {_printable(self.destination)} ({state})")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from ..audit import AuditLog, outcome_for_failure
 from ..errors import (
+    CertificateError,
     ChannelError,
     TpmSignerError,
     ConfigError,
@@ -47,6 +48,7 @@ from .destination import DestinationError, check_destination
 from ..store import Identity, KeyStore
 from ..tpm import LockoutStatus, Tpm
 from .approvers import DEFAULT_APPROVAL_TIMEOUT, ApprovalRequest, Approver
+from .certificate_use import certificate_in_use
 from .devices import Device, DeviceRegistry
 from .refusals import RefusalPolicy, RefusalTracker
 from .worker import TpmWorker
@@ -359,9 +361,13 @@ class _AgentSession:
         except KeyStoreError as exc:
             logger.error("listing identities failed: %s", exc)
             return Failure(request.request_id, FailureCode.INTERNAL_ERROR, "the signer cannot read its key store")
+        # An identity with a certificate is listed twice, key first, as
+        # OpenSSH's ssh-agent lists a key and its certificate.
         return ListReply(
             request.request_id,
-            tuple(ListedIdentity(identity.public_key_blob, identity.label) for identity in identities),
+            tuple(
+                ListedIdentity(blob, identity.label) for identity in identities for blob in identity.agent_key_blobs()
+            ),
         )
 
     async def _sign(self, request: SignRequest) -> Message:
@@ -418,9 +424,12 @@ class _AgentSession:
         info = describe_signed_data(request.data, request.key_blob)
         try:
             destination = check_destination(info, request.evidence)
-        except DestinationError as exc:
+            certificate = certificate_in_use(identity, request.key_blob, info)
+        except (DestinationError, CertificateError) as exc:
             logger.warning("request #%d from device %r: %s; rejected", serial, device, exc)
             return Failure(request_id, FailureCode.BAD_REQUEST, str(exc))
+        if certificate is not None:
+            record["certificate"] = {"key_id": certificate.key_id, "serial": certificate.serial}
         if identity.allowed_host_keys and destination.host_key_fingerprint not in identity.allowed_host_keys:
             # Only a login whose binding the signer verified itself can name
             # a host key, so an agent cannot talk its way past this.
@@ -456,14 +465,17 @@ class _AgentSession:
             destination_verified=destination.verified,
             host_key_fingerprint=destination.host_key_fingerprint,
             forwarded=destination.forwarded,
+            certificate_key_id=None if certificate is None else certificate.key_id,
+            certificate_status="" if certificate is None else certificate.validity(time.time()),
         )
         logger.info(
-            "request #%d from device %r (%s): sign with %r %s for %s%s: asking for approval",
+            "request #%d from device %r (%s): sign with %r %s%s for %s%s: asking for approval",
             serial,
             device,
             approval.process.describe(),
             identity.label,
             identity.fingerprint,
+            "" if certificate is None else f" (certificate {certificate.key_id!r})",
             info.purpose,
             f" to {approval.destination}" if approval.destination else "",
         )
