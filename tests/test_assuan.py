@@ -1,7 +1,7 @@
 """The Assuan client and the pinentry approver against a scripted fake pinentry.
 
-A real pinentry (tests/test_pinentry.py) answers correctly; these tests use
-a small fake only to reach what no real pinentry sends: malformed lines,
+A real pinentry (tests/test_pinentry.py) follows the protocol, so these
+tests use a small fake only to reach what no real pinentry sends: malformed lines,
 split and escaped data, cache status, inquiries, silence and early exits.
 """
 
@@ -238,7 +238,7 @@ def test_cached_pin_is_refused(fake: FakePinentry, caplog: pytest.LogCaptureFixt
     with caplog.at_level(logging.INFO, logger="tpmsigner"):
         assert ask(approver) is None
 
-    assert "answered from a password cache" in caplog.text
+    assert "returned a PIN from a password cache" in caplog.text
     assert PIN not in caplog.text
 
 
@@ -272,8 +272,8 @@ def test_getpin_failures_refuse(
         (["ERR cancelled\n"], "without a numeric error code"),
         (["D " + "1" * 2000 + "\n", "OK\n"], "longer than 1000 bytes"),
         (["D " + "1" * 900 + "\n"] * 5 + ["OK\n"], "more than 4096 bytes of data"),
-        ([f"D {PIN}", EXIT], "closed its output before it answered"),
-        ([EXIT], "closed its output before it answered"),
+        ([f"D {PIN}", EXIT], "closed its output before the end of its reply"),
+        ([EXIT], "closed its output before the end of its reply"),
     ],
 )
 def test_protocol_errors_refuse_without_showing_pin(
@@ -296,7 +296,7 @@ def test_pinentry_timeout_is_a_timeout(fake: FakePinentry) -> None:
         ask(approver)
 
 
-# ---- pinentries that stop answering -------------------------------------------
+# ---- pinentries that stop responding ------------------------------------------
 
 
 def test_silent_greeting_refuses_after_setup_timeout(fake: FakePinentry, caplog: pytest.LogCaptureFixture) -> None:
@@ -305,7 +305,7 @@ def test_silent_greeting_refuses_after_setup_timeout(fake: FakePinentry, caplog:
     with caplog.at_level(logging.INFO, logger="tpmsigner"):
         assert ask(approver) is None
 
-    assert "no answer to its greeting within 0.5 s" in caplog.text
+    assert "did not respond to its greeting within 0.5 s" in caplog.text
     wait_until(lambda: not pid_is_running(fake.pid()), 5, "the silent pinentry to be killed")
 
 
@@ -315,7 +315,7 @@ def test_silent_setup_request_refuses(fake: FakePinentry, caplog: pytest.LogCapt
     with caplog.at_level(logging.INFO, logger="tpmsigner"):
         assert ask(approver) is None
 
-    assert "no answer to SETDESC within 0.5 s" in caplog.text
+    assert "did not respond to SETDESC within 0.5 s" in caplog.text
     wait_until(lambda: not pid_is_running(fake.pid()), 5, "the silent pinentry to be killed")
 
 

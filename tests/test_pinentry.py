@@ -2,7 +2,7 @@
 
 The signer runs with the pseudo-terminal as its controlling terminal, as if
 ``tpmsigner serve --approver pinentry:/usr/bin/pinentry-tty`` ran in a
-terminal window; the test reads the prompt and types at it.  pinentry-tty
+terminal window.  The test reads the prompt and types at it.  pinentry-tty
 1.2.1 reads in non-canonical mode: Enter ends the PIN, and Ctrl-D (or end of
 file) cancels.
 """
@@ -135,8 +135,8 @@ def test_unanswered_prompt_times_out(chain: Chain, terminal: PseudoTerminal) -> 
     assert chain.signer is not None
     assert "request #1: no approval within 3 s: denied" in chain.signer.log_text()
     assert last_audit_record(chain)["outcome"] == "timed_out"
-    # pinentry-tty is killed in the middle of reading, so the signer puts
-    # the terminal's echo back itself and says what happened.
+    # pinentry-tty is killed in the middle of reading, so the signer turns
+    # the terminal's echo back on itself and writes what happened.
     terminal.expect(r"request #1 expired or was withdrawn; nothing was signed")
     assert echo_is_on(terminal)
     wait_until(lambda: not signer_children(chain), 5, "the killed pinentry to be reaped")

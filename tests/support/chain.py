@@ -84,6 +84,8 @@ class Chain:
     tcti: str
     signer_port: int = field(default_factory=free_port)
     mdns: bool = False
+    # Variables set for every command and daemon of the chain, e.g. PATH.
+    extra_environment: dict[str, str] = field(default_factory=dict)
     signer: ManagedProcess | None = None
     agent: ManagedProcess | None = None
 
@@ -127,6 +129,7 @@ class Chain:
         environment["XDG_STATE_HOME"] = str(self.workdir / "state")
         environment.pop("TPMSIGNER_HOME", None)
         environment.pop("TPMSIGNER_AGENT_HOME", None)
+        environment.update(self.extra_environment)
         return environment
 
     def tpmsigner(self, *args: str, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

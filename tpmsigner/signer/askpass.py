@@ -55,6 +55,8 @@ class AskpassApprover:
         # is what a PIN is.
         environment.pop("SSH_ASKPASS_PROMPT", None)
         async with self._turn:
-            return await run_approver_program(
+            pin = await run_approver_program(
                 [self.program, self.prompt(request)], environment, self.timeout, request.request_id
             )
+        # An askpass dialog closed with OK on an empty field prints an empty line.
+        return pin or None

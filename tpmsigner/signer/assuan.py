@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from ..errors import PinentryError
 
-# Section 3.2: a line, with its command and its line end, has at most 1000
-# bytes; section 3.1: a client treats a longer line as a communication error.
+# A line, with its command and its line end, has at most 1000 bytes
+# (section 3.2).  A client treats a longer line as a communication error
+# (section 3.1).
 MAX_LINE_BYTES = 1000
 
 # An ERR code is a libgpg-error value: the error source in bits 24-30 (5 is
@@ -172,7 +173,7 @@ class AssuanClient:
                     keyword = line[2:].split(b" ", 1)[0]
                     status.append(keyword.decode("ascii", errors="replace"))
             elif line.startswith(b"INQUIRE "):
-                # Nothing this client sends needs more data; section 3.1
+                # Nothing this client sends needs more data.  Section 3.1
                 # lets a client cancel an inquiry with CAN, and the server
                 # then ends the request with ERR.
                 await self._send(b"CAN\n")
@@ -187,7 +188,7 @@ class AssuanClient:
         try:
             line = await self._reader.readuntil(b"\n")
         except asyncio.IncompleteReadError:
-            raise PinentryError("the pinentry closed its output before it answered") from None
+            raise PinentryError("the pinentry closed its output before the end of its reply") from None
         except asyncio.LimitOverrunError:
             raise PinentryError(f"the pinentry sent a line longer than {MAX_LINE_BYTES} bytes") from None
         if len(line) > MAX_LINE_BYTES:

@@ -37,8 +37,8 @@ from .requesttext import describe_request
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROGRAM = "pinentry"
-# How long a pinentry may take to start, and to answer each request before
-# GETPIN.  Those answers need no person, so a longer wait means a hung program.
+# How long a pinentry may take to start, and to respond to each request
+# before GETPIN.  No person is involved yet, so a longer wait means it hangs.
 SETUP_TIMEOUT = 10.0
 # After GETPIN, how long the pinentry may take to end once asked with BYE.
 EXIT_GRACE_PERIOD = 1.0
@@ -125,8 +125,8 @@ class _SavedTerminal:
     def restore(self, note: str) -> None:
         """Put the settings back and write ``note`` on the terminal."""
         # A process outside the terminal's foreground process group gets
-        # SIGTTOU for tcsetattr, which would stop serve; with the signal
-        # blocked the call goes through (POSIX, "Terminal Access Control").
+        # SIGTTOU for tcsetattr, which would stop serve.  With the signal
+        # blocked, the call succeeds (POSIX, "Terminal Access Control").
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTTOU})
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
@@ -144,7 +144,7 @@ class _SavedTerminal:
 class PinentryApprover:
     """Asks for the PIN with a pinentry program, one request at a time.
 
-    On a terminal the pinentry is told the terminal's name, type and
+    On a terminal the pinentry receives the terminal's name, type and
     character set, which pinentry-tty and pinentry-curses need; graphical
     pinentries find the display in DISPLAY or WAYLAND_DISPLAY.  The
     terminal is ``terminal``, else this process's controlling terminal if
@@ -321,7 +321,7 @@ class _PinentryDialog:
         if self.deadline - self.loop.time() <= 0:
             # The request's own time ran out: a timeout, as for any approver.
             raise TimeoutError
-        raise PinentryError(f"no answer to {what} within {self.approver.setup_timeout:g} s")
+        raise PinentryError(f"the pinentry did not respond to {what} within {self.approver.setup_timeout:g} s")
 
     def _pin_from(self, reply: Reply) -> str | None:
         request_id = self.request.request_id
@@ -337,9 +337,9 @@ class _PinentryDialog:
             )
             return None
         if "PASSWORD_FROM_CACHE" in reply.status:
-            # Nobody typed this PIN.  tpmsigner never allows a cache, so a
-            # pinentry that uses one anyway is not trusted with the request.
-            logger.warning("request #%d: the pinentry answered from a password cache; denied", request_id)
+            # No person typed this PIN.  tpmsigner never allows a cache, so
+            # a PIN that a pinentry took from one anyway is rejected.
+            logger.warning("request #%d: the pinentry returned a PIN from a password cache; denied", request_id)
             return None
         if not reply.data:
             logger.info("request #%d: empty PIN in the pinentry", request_id)

@@ -1,10 +1,10 @@
 """The text of a sign request as desktop prompts and notifications show it.
 
 Every field that a peer controls (device name, process, purpose,
-destination) has its control characters escaped and its length capped, so a
-long command line cannot push the destination out of a dialog, and no field
-can start a new line, repaint a terminal or, in a pinentry, start a new
-Assuan command.
+destination) has its control characters escaped and its length capped.  So
+a long command line cannot push the destination out of a dialog, and no
+field can start a new line, repaint a terminal or, in a pinentry, start a
+new Assuan command.
 """
 
 from __future__ import annotations
