@@ -222,8 +222,8 @@ class _PinentryDialog:
                 *self.approver.argv,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
-                # pinentry writes nothing useful to stderr without --debug,
-                # and with --debug it writes the PIN.
+                # With --debug, pinentry writes the PIN to stderr, and its
+                # ERR replies already say what failed.
                 stderr=asyncio.subprocess.DEVNULL,
                 # A session of its own: the process group can be killed as a
                 # whole, and a terminal pinentry reads the terminal named in
@@ -268,8 +268,8 @@ class _PinentryDialog:
                 logger.debug("request #%d: pinentry ignored %s: ERR %d", request_id, command, reply.error_code)
 
         self.getpin_sent = True
-        # The pinentry's own SETTIMEOUT normally ends the dialog first; this
-        # limit only matters if the pinentry ignores it.
+        # The signer's approval timeout normally cancels this wait first.
+        # This limit matters only to a caller without one.
         remaining = self.deadline - self.loop.time()
         reply = await client.request("GETPIN", timeout=remaining + EXIT_GRACE_PERIOD)
         pin = self._pin_from(reply)
