@@ -90,6 +90,10 @@ class PeerNotTrustedError(ChannelError):
     """The peer's Noise static key is not in the list of trusted keys."""
 
 
+class PinentryError(TpmSignerError):
+    """A pinentry program broke the Assuan protocol, failed to start or exited early."""
+
+
 class SignerError(TpmSignerError):
     """The signer rejected or could not complete a request."""
 

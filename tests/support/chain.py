@@ -87,6 +87,8 @@ class Chain:
     # Put before every tpmsigner and tpmsigner-agent command line, for
     # example to run them in another mount namespace (see small_disk.py).
     command_prefix: list[str] = field(default_factory=list)
+    # Variables set for every command and daemon of the chain, e.g. PATH.
+    extra_environment: dict[str, str] = field(default_factory=dict)
     signer: ManagedProcess | None = None
     agent: ManagedProcess | None = None
 
@@ -130,6 +132,7 @@ class Chain:
         environment["XDG_STATE_HOME"] = str(self.workdir / "state")
         environment.pop("TPMSIGNER_HOME", None)
         environment.pop("TPMSIGNER_AGENT_HOME", None)
+        environment.update(self.extra_environment)
         return environment
 
     def tpmsigner_command(self) -> list[str]:

@@ -98,3 +98,53 @@ class TerminalProcess:
                 self.process.kill()
                 self.process.wait(timeout=STOP_TIMEOUT)
         os.close(self._controller)
+
+
+class PseudoTerminal:
+    """A pseudo-terminal whose terminal side a daemon takes as its controlling terminal.
+
+    The test reads what programs show on it through ``expect`` and types
+    through ``write``.  ``output`` holds everything shown so far, with the
+    terminal's CRLF line endings turned back into LF.
+    """
+
+    def __init__(self) -> None:
+        self.controller, self.terminal = pty.openpty()
+        self.path = os.ttyname(self.terminal)
+        self.output = ""
+
+    def _read_available(self, wait: float) -> bool:
+        ready, _, _ = select.select([self.controller], [], [], wait)
+        if not ready:
+            return False
+        try:
+            chunk = os.read(self.controller, 4096)
+        except OSError:
+            return False
+        self.output += chunk.decode("utf-8", errors="replace").replace("\r\n", "\n")
+        return bool(chunk)
+
+    def expect(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
+        """Wait until the output matches the regular expression ``pattern``; return the match."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.output)
+            if match:
+                return match
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"the terminal did not show {pattern!r} within {timeout:g} s; it showed:\n{self.output!r}")
+            self._read_available(min(remaining, 0.2))
+
+    def drain(self, wait: float = 0.2) -> str:
+        """Collect what arrives until nothing more comes for ``wait`` seconds; return all output."""
+        while self._read_available(wait):
+            pass
+        return self.output
+
+    def write(self, data: bytes) -> None:
+        os.write(self.controller, data)
+
+    def close(self) -> None:
+        os.close(self.controller)
+        os.close(self.terminal)

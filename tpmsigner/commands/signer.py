@@ -16,6 +16,7 @@ from ..fsutil import ensure_private_dir
 from ..protocol.channel import StaticKey, format_public_key, parse_public_key, public_key_fingerprint
 from ..signer.approvers import DEFAULT_APPROVAL_TIMEOUT, Approver, approver_from_spec, check_approver
 from ..signer.devices import DeviceRegistry
+from ..signer.notify import DesktopNotifier
 from ..signer.refusals import DEFAULT_REFUSAL_LIMIT, DEFAULT_REFUSAL_PAUSE, MAX_REFUSAL_PAUSE, RefusalPolicy
 from ..signer.server import SignerConfig, SignerServer
 from ..signer.worker import TPM_CALL_TIMEOUT, TpmWorker
@@ -74,6 +75,7 @@ def command_serve(args: argparse.Namespace) -> int:
     )
     approver = approver_from_spec(args.approver, timeout=args.approval_timeout)
     check_approver(approver)
+    notifier = DesktopNotifier.find() if args.notify else None
     static_key = _static_key(home)
 
     # serve owns the TPM while it runs, so on an emulator without a resource
@@ -109,6 +111,7 @@ def _serve(
         approver=approver,
         config=config,
         audit_log=AuditLog(home / AUDIT_FILE),
+        notifier=notifier,
     )
 
     advertiser: Advertiser | None = None
@@ -145,7 +148,15 @@ def add_parsers(commands) -> None:
 
     serve = commands.add_parser("serve", help="serve agents over Noise, asking for approval per signature")
     serve.add_argument("--listen", required=True, help="HOST:PORT to listen on, e.g. 127.0.0.1:7810")
-    serve.add_argument("--approver", required=True, help="'tty' or 'command:PROGRAM'")
+    serve.add_argument(
+        "--approver",
+        required=True,
+        metavar="APPROVER",
+        help="who gives the PIN for each signature: 'tty' (the terminal running serve), 'command:PROGRAM' "
+        "(PROGRAM prints the PIN; details in TPMSIGNER_* variables), 'pinentry[:PROGRAM]' (a pinentry dialog; "
+        "default program: pinentry on PATH) or 'askpass[:PROGRAM]' (an SSH_ASKPASS program; default: "
+        "$SSH_ASKPASS)",
+    )
     serve.add_argument(
         "--approval-timeout",
         type=float,
@@ -174,6 +185,12 @@ def add_parsers(commands) -> None:
         default=TPM_CALL_TIMEOUT,
         help="seconds to wait for the TPM's response to one call before failing the request; while that "
         f"call has no response, later requests fail at once (default: {TPM_CALL_TIMEOUT:g})",
+    )
+    serve.add_argument(
+        "--notify",
+        action="store_true",
+        help="show a desktop notification with notify-send after each signature, and after each refusal "
+        "once an approver was asked",
     )
     add_mdns_options(serve, "_tpmsigner._tcp")
     serve.set_defaults(handler=command_serve)

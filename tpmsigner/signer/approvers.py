@@ -1,9 +1,10 @@
 """Approvers: who gives the PIN for each signature, or refuses.
 
 An approver is an object with ``async request_pin(request) -> str | None``.
-It returns the PIN to approve, or None to refuse.  The server applies the
-approval timeout around every call, so an approver that hangs is cancelled
-and the request refused.
+It returns the PIN to approve, or None to refuse, and may raise TimeoutError
+when nobody answered in time.  The server applies the approval timeout
+around every call, so an approver that hangs is cancelled and the request
+refused.  The pinentry and askpass approvers live in modules of their own.
 """
 
 from __future__ import annotations
@@ -144,45 +145,57 @@ class CommandApprover:
     async def request_pin(self, request: ApprovalRequest) -> str | None:
         environment = dict(os.environ)
         environment.update(request.environment())
-        try:
-            # A session of its own, so that on timeout the whole process
-            # group goes, including helpers the approver started.
-            process = await asyncio.create_subprocess_exec(
-                *self.argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                env=environment,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            logger.error("request %d: cannot run approver %r: %s", request.request_id, self.argv[0], exc)
-            return None
+        return await run_approver_program(self.argv, environment, self.timeout, request.request_id)
 
-        assert process.stdout is not None
-        output = bytearray()
-        reader = asyncio.create_task(_read_bounded(process.stdout, output))
-        try:
-            await asyncio.wait_for(process.wait(), self.timeout)
-            # The decision is the exit status.  A child the approver left
-            # behind may keep stdout open, so wait only briefly for the rest.
-            await asyncio.wait({reader}, timeout=OUTPUT_GRACE_PERIOD)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
-            _kill_group(process.pid)
-            await process.wait()
-            raise
-        finally:
-            reader.cancel()
-            _kill_group(process.pid)
 
-        if process.returncode != 0:
-            logger.info("request %d: approver exited with status %d: denied", request.request_id, process.returncode)
-            return None
-        first_line = bytes(output).split(b"\n", 1)[0].rstrip(b"\r")
-        try:
-            return first_line.decode("utf-8")
-        except UnicodeDecodeError:
-            logger.error("request %d: approver printed a PIN that is not UTF-8: denied", request.request_id)
-            return None
+async def run_approver_program(
+    argv: list[str], environment: dict[str, str], timeout: float, request_id: int
+) -> str | None:
+    """Run an approver program and return the first line of its output, or None if it refused.
+
+    The program approves by exiting 0; any other status refuses.  Raises
+    TimeoutError after ``timeout`` seconds.  The program and everything it
+    started are killed whenever it ends.
+    """
+    try:
+        # A session of its own, so that on timeout the whole process
+        # group goes, including helpers the approver started.
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            env=environment,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        logger.error("request %d: cannot run approver %r: %s", request_id, argv[0], exc)
+        return None
+
+    assert process.stdout is not None
+    output = bytearray()
+    reader = asyncio.create_task(_read_bounded(process.stdout, output))
+    try:
+        await asyncio.wait_for(process.wait(), timeout)
+        # The decision is the exit status.  A child the approver left
+        # behind may keep stdout open, so wait only briefly for the rest.
+        await asyncio.wait({reader}, timeout=OUTPUT_GRACE_PERIOD)
+    except (asyncio.TimeoutError, asyncio.CancelledError):
+        _kill_group(process.pid)
+        await process.wait()
+        raise
+    finally:
+        reader.cancel()
+        _kill_group(process.pid)
+
+    if process.returncode != 0:
+        logger.info("request %d: approver exited with status %d: denied", request_id, process.returncode)
+        return None
+    first_line = bytes(output).split(b"\n", 1)[0].rstrip(b"\r")
+    try:
+        return first_line.decode("utf-8")
+    except UnicodeDecodeError:
+        logger.error("request %d: approver printed a PIN that is not UTF-8: denied", request_id)
+        return None
 
 
 async def _read_bounded(stream: asyncio.StreamReader, output: bytearray) -> None:
@@ -304,13 +317,41 @@ def _read_line(fd: int, deadline: float, cancelled: threading.Event) -> str | No
 
 
 def approver_from_spec(spec: str, timeout: float = DEFAULT_APPROVAL_TIMEOUT) -> Approver:
-    """Build an approver from its command-line form: ``tty`` or ``command:PROGRAM``."""
+    """Build an approver from its command-line form.
+
+    The forms are ``tty``, ``command:PROGRAM``, ``pinentry[:PROGRAM]`` and
+    ``askpass[:PROGRAM]``.  PROGRAM is split like a shell command line, except
+    for askpass, whose program takes no arguments of its own.
+    """
+    # Imported here because these modules import this one.
+    from .askpass import AskpassApprover
+    from .pinentry import PinentryApprover
+
     if spec == "tty":
         return TtyApprover(timeout=timeout)
     if spec.startswith("command:"):
-        try:
-            argv = shlex.split(spec[len("command:") :])
-        except ValueError as exc:
-            raise ConfigError(f"invalid approver command {spec!r}: {exc}") from None
-        return CommandApprover(argv, timeout=timeout)
-    raise ConfigError(f"unknown approver {spec!r}: use 'tty' or 'command:PROGRAM'")
+        return CommandApprover(_split_program(spec, "command:"), timeout=timeout)
+    if spec == "pinentry":
+        return PinentryApprover(timeout=timeout)
+    if spec.startswith("pinentry:"):
+        argv = _split_program(spec, "pinentry:")
+        if not argv:
+            raise ConfigError("the pinentry: approver needs a program, as pinentry:PROGRAM, or use plain 'pinentry'")
+        return PinentryApprover(argv, timeout=timeout)
+    if spec == "askpass":
+        return AskpassApprover(timeout=timeout)
+    if spec.startswith("askpass:"):
+        program = spec[len("askpass:") :]
+        if not program:
+            raise ConfigError("the askpass: approver needs a program, as askpass:PROGRAM, or use plain 'askpass'")
+        return AskpassApprover(program, timeout=timeout)
+    raise ConfigError(
+        f"unknown approver {spec!r}: use 'tty', 'command:PROGRAM', 'pinentry[:PROGRAM]' or 'askpass[:PROGRAM]'"
+    )
+
+
+def _split_program(spec: str, prefix: str) -> list[str]:
+    try:
+        return shlex.split(spec[len(prefix) :])
+    except ValueError as exc:
+        raise ConfigError(f"invalid approver command {spec!r}: {exc}") from None

@@ -50,6 +50,7 @@ from ..tpm import LockoutStatus, Tpm
 from .approvers import DEFAULT_APPROVAL_TIMEOUT, ApprovalRequest, Approver
 from .certificate_use import certificate_in_use
 from .devices import Device, DeviceRegistry
+from .notify import DesktopNotifier
 from .refusals import RefusalPolicy, RefusalTracker
 from .worker import TpmWorker
 
@@ -86,6 +87,7 @@ class SignerServer:
         approver: Approver,
         config: SignerConfig,
         audit_log: AuditLog | None = None,
+        notifier: DesktopNotifier | None = None,
     ) -> None:
         self.store = store
         self.worker = worker
@@ -94,6 +96,7 @@ class SignerServer:
         self.approver = approver
         self.config = config
         self.audit_log = audit_log
+        self.notifier = notifier
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
         # Request numbers for logs and prompts, unique in this signer run;
@@ -119,6 +122,15 @@ class SignerServer:
             self.audit_log.append(record)
         except (OSError, TpmSignerError) as exc:
             logger.error("the audit record of request #%s was not written: %s", record.get("request_id"), exc)
+
+    def notify(self, approval: ApprovalRequest, reply: Message) -> None:
+        """Start a desktop notification of a request's outcome, if notifications are on."""
+        if self.notifier is None:
+            return
+        if isinstance(reply, SignReply):
+            self.notifier.signed(approval)
+        elif isinstance(reply, Failure):
+            self.notifier.refused(approval, reply.message)
 
     @property
     def port(self) -> int:
@@ -147,6 +159,8 @@ class SignerServer:
             await asyncio.wait(self._connections, timeout=5.0)
         if self._server is not None:
             await self._server.wait_closed()
+        if self.notifier is not None:
+            await self.notifier.close()
         logger.info("signer stopped")
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -483,9 +497,12 @@ class _AgentSession:
         pin = await self._ask(approval)
         if isinstance(pin, Failure):
             self._count_refusal(pin)
+            self.server.notify(approval, pin)
             return Failure(request_id, pin.code, pin.message)
         self.server.refusals.approved(self.device.public_key)
-        return await self._sign_in_tpm(request, serial, identity, pin)
+        reply = await self._sign_in_tpm(request, serial, identity, pin)
+        self.server.notify(approval, reply)
+        return reply
 
     def _refusal_pause(self, request_id: int, serial: int) -> Failure | None:
         """Refuse without a prompt while the device is paused after refusals in a row."""
