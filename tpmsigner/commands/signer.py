@@ -82,7 +82,7 @@ def command_serve(args: argparse.Namespace) -> int:
     # manager it may flush what a killed earlier run left loaded.
     worker = TpmWorker(open_tpm(args, flush_stale_handles=True), timeout=args.tpm_timeout)
     try:
-        _serve(args, home, config, approver, static_key, worker)
+        _serve(args, home, config, approver, notifier, static_key, worker)
     finally:
         worker.close()
     return 0
@@ -93,6 +93,7 @@ def _serve(
     home: Path,
     config: SignerConfig,
     approver: Approver,
+    notifier: DesktopNotifier | None,
     static_key: StaticKey,
     worker: TpmWorker,
 ) -> None:
