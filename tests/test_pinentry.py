@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import pid_is_running, wait_until
+from tests.support import wait_until
 from tests.support.chain import Chain
 from tests.support.terminal import PseudoTerminal
 
