@@ -128,13 +128,46 @@ def test_no_handles_left_after_close(swtpm, store) -> None:
             tpmsigner.sign_data(tpm, store, identity, b"payload", b"wrong-pin")
         after_wrong_pin = loaded_handles(swtpm.tcti)
 
-    # While open: the storage primary and the HMAC session, no signing key.
-    assert len(after_signing["transient"]) == 1
+    # While open: the storage primary, the signing key kept loaded for the
+    # next signature (once, however many signatures), and the HMAC session.
+    assert len(after_signing["transient"]) == 2
     assert len(after_signing["sessions"]) == 1
     # A failed authorisation flushes the session; the next sign starts one.
-    assert len(after_wrong_pin["transient"]) == 1
+    # The loaded key stays: without its PIN it is of no use to anyone.
+    assert len(after_wrong_pin["transient"]) == 2
     assert after_wrong_pin["sessions"] == []
     assert loaded_handles(swtpm.tcti) == {"transient": [], "sessions": []}
+
+
+def test_loaded_keys_stay_bounded_without_resource_manager(swtpm, store) -> None:
+    with Tpm(swtpm.tcti) as tpm:
+        identities = [tpmsigner.create_identity(tpm, store, label, PIN) for label in ("one", "two", "three")]
+        for _ in range(2):
+            for identity in identities:
+                signature = tpmsigner.sign_data(tpm, store, identity, b"payload", PIN)
+                assert asyncssh.import_public_key(identity.openssh_line()).verify(b"payload", signature)
+                # swtpm has three object slots: the storage primary and one
+                # signing key at most, so another program still has one.
+                assert len(loaded_handles(swtpm.tcti)["transient"]) == 2
+    assert loaded_handles(swtpm.tcti) == {"transient": [], "sessions": []}
+
+
+def test_pin_change_unloads_the_key_with_the_old_pin(swtpm, store) -> None:
+    with Tpm(swtpm.tcti) as tpm:
+        identity = tpmsigner.create_identity(tpm, store, "work", PIN)
+        tpmsigner.sign_data(tpm, store, identity, b"payload", PIN)
+        assert len(loaded_handles(swtpm.tcti)["transient"]) == 2
+
+        new_blob = tpm.change_pin(store.key_blob(identity), PIN, b"new-pin-5678")
+        store.replace_key(identity, new_blob)
+
+        # The copy loaded with the old PIN is gone, so the old PIN works on
+        # no loaded object any more; the new file signs with the new PIN.
+        assert len(loaded_handles(swtpm.tcti)["transient"]) == 1
+        signature = tpmsigner.sign_data(tpm, store, identity, b"payload", b"new-pin-5678")
+        assert asyncssh.import_public_key(identity.openssh_line()).verify(b"payload", signature)
+        with pytest.raises(TpmAuthError):
+            tpmsigner.sign_data(tpm, store, identity, b"payload", PIN)
 
 
 def test_stale_handles_are_flushed_by_owner(swtpm, store) -> None:
