@@ -46,6 +46,7 @@ from .destination import DestinationError, check_destination
 from ..store import Identity, KeyStore
 from .approvers import DEFAULT_APPROVAL_TIMEOUT, ApprovalRequest, Approver
 from .devices import Device, DeviceRegistry
+from .lastuse import LastUseRecorder
 from .refusals import RefusalPolicy, RefusalTracker
 from .worker import TpmWorker
 
@@ -103,6 +104,7 @@ class SignerServer:
         self._devices_file_state: tuple[int, int, int] | None = None
         self._last_seen_written: dict[bytes, float] = {}
         self.refusals = RefusalTracker(config.refusals)
+        self.last_use = LastUseRecorder(store)
 
     def next_serial(self) -> int:
         return next(self._serials)
@@ -500,11 +502,15 @@ class _AgentSession:
 
     async def _check_tpm_ready(self, request_id: int, serial: int) -> Failure | None:
         worker = self.server.worker
-        try:
-            status = await worker.call(worker.tpm.lockout_status)
-        except TpmError as exc:
-            logger.error("request #%d: %s", serial, exc)
-            return Failure(request_id, FailureCode.TPM_ERROR, "the signer cannot reach its TPM")
+        # A status read less than a second ago that showed no lockout
+        # stands, and saves a TPM command (Tpm.recent_lockout_status).
+        status = worker.tpm.recent_lockout_status()
+        if status is None:
+            try:
+                status = await worker.call(worker.tpm.lockout_status)
+            except TpmError as exc:
+                logger.error("request #%d: %s", serial, exc)
+                return Failure(request_id, FailureCode.TPM_ERROR, "the signer cannot reach its TPM")
         if status.in_lockout:
             logger.error(
                 "request #%d: the TPM is in dictionary-attack lockout; not asking for a PIN. The next try "
@@ -558,7 +564,7 @@ class _AgentSession:
 
         logger.info("request #%d: signed with %r", serial, identity.label)
         try:
-            self.server.store.record_use(identity)
+            self.server.last_use.record(identity)
         except (KeyStoreError, OSError) as exc:
             logger.warning("request #%d: could not record the last use of %r: %s", serial, identity.label, exc)
         return SignReply(request_id, signature)
