@@ -59,6 +59,7 @@ def options_from(args: argparse.Namespace) -> Options:
     if args.clients:
         options.clients = args.clients
     options.pkcs11 = not args.no_pkcs11
+    options.phases = tuple(args.phases)
     return options
 
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     run = BenchRun(options, stack.Workspace(workdir, socket_dir, emulator.tcti))
     try:
         run.prepare()
-        for phase in args.phases:
+        for phase in options.phases:
             print(f"bench: {phase} ...", file=sys.stderr, flush=True)
             getattr(run, {"sign": "sign_latency"}.get(phase, phase))()
     finally:

@@ -49,6 +49,7 @@ class Options:
     memory_identities: int = 1000
     memory_agents: int = 50
     pkcs11: bool = True
+    phases: tuple[str, ...] = ("sign", "throughput", "listing", "logins", "startup", "memory")
 
 
 @dataclass
@@ -94,7 +95,12 @@ class BenchRun:
     # ---- set-up ------------------------------------------------------------
 
     def prepare(self) -> None:
-        count = max([*self.options.counts, self.options.memory_identities, 1])
+        needed = [1]
+        if "listing" in self.options.phases:
+            needed += self.options.counts
+        if "memory" in self.options.phases:
+            needed.append(self.options.memory_identities)
+        count = max(needed)
         started = time.perf_counter()
         identities = stack.create_identities(self.ws.tcti, self.master, count)
         self.results["setup"] = {"identities": count, "create_seconds": time.perf_counter() - started}
