@@ -59,6 +59,22 @@ class Daemon:
 
         wait_until(ready, timeout, f"{self.name} to log {marker!r}")
 
+    def cpu_ticks(self) -> int:
+        """Return the user and system CPU time used so far, in clock ticks (/proc/PID/stat)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
+        return int(fields[11]) + int(fields[12])
+
+    def wait_idle(self, quiet: float = 0.3, timeout: float = 30.0) -> None:
+        """Wait until the program has used no CPU for ``quiet`` seconds (e.g. after imports in the background)."""
+        deadline = time.monotonic() + timeout
+        last = self.cpu_ticks()
+        while time.monotonic() < deadline:
+            time.sleep(quiet)
+            now = self.cpu_ticks()
+            if now == last:
+                return
+            last = now
+
     def rss_kib(self) -> int:
         """Return the resident set size from /proc (VmRSS), in KiB."""
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():

@@ -39,7 +39,7 @@ AGENT_START_TIMEOUT = 10.0
 @dataclass
 class Options:
     samples: int = 300              # sign latency samples per path
-    rounds: int = 3                 # the paths take turns this many times
+    rounds: int = 10                # the paths take turns this many times
     counts: list[int] = field(default_factory=lambda: [1, 10, 100, 1000])
     list_repeats: int = 20
     clients: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
@@ -165,33 +165,46 @@ class BenchRun:
             self.ws.path("pkcs11"), self.ws.socket("pkcs11"), self.ws.tcti, stack.PIN, self.ws.env()
         ) if self.options.pkcs11 else None
 
-        for round_number in range(self.options.rounds):
-            tag = f"round {round_number}"
+        def floor_step(tag: str) -> None:
             self.inproc.release_tpm()
             add("floor", self._floor_signs(per_round, tag))
 
-            if pkcs11 is not None:
-                pkcs11.start()
-                try:
-                    add("pkcs11", time_agent_signs(
-                        SignTarget("pkcs11", pkcs11.socket_path, blob_of_line(pkcs11.public_line)), per_round, tag
-                    ))
-                finally:
-                    pkcs11.stop()
+        def pkcs11_step(tag: str) -> None:
+            assert pkcs11 is not None
+            self.inproc.release_tpm()
+            pkcs11.start()
+            try:
+                add("pkcs11", time_agent_signs(
+                    SignTarget("pkcs11", pkcs11.socket_path, blob_of_line(pkcs11.public_line)), per_round, tag
+                ))
+            finally:
+                pkcs11.stop()
 
+        def file_step(tag: str) -> None:
             add("file", time_agent_signs(
                 SignTarget("file", self.file_agent.socket_path, blob_of_line(self.file_key.public_key_line)), per_round, tag
             ))
 
+        def inproc_step(tag: str) -> None:
             add("inproc", time_agent_signs(SignTarget("inproc", self.inproc_socket, self.key_blob), per_round, tag))
-            self.inproc.release_tpm()
 
+        def command_step(tag: str) -> None:
+            self.inproc.release_tpm()
             signer = stack.start_serve(self.ws, self.command_home, self.command_port, self.approver, "signer-command")
             try:
                 add("command", time_agent_signs(SignTarget("command", self.command_socket, self.key_blob), per_round, tag))
             finally:
                 signer.stop()
 
+        steps = [floor_step, *([pkcs11_step] if pkcs11 is not None else []), file_step, inproc_step, command_step]
+        for round_number in range(self.options.rounds):
+            # Every other round runs the paths in reverse order, so that a
+            # path is not always measured right after the same other one.
+            for step in steps if round_number % 2 == 0 else reversed(steps):
+                step(f"round {round_number}")
+
+        names = ["floor", "pkcs11", "file", "inproc", "command"]
+        samples = {name: samples[name] for name in names if name in samples}
         self.results["sign"] = {
             name: {**Summary.of(values).to_json(), "verified": verified[name]} for name, values in samples.items()
         }
@@ -234,7 +247,8 @@ class BenchRun:
                 str(max(count, 2 * clients)),
             ], self.ws.env(), timeout=600)
             row = json.loads(output)
-            row["rate"] = row["signatures"] / row["seconds"]
+            # Only signatures that verified count; a failed request is listed apart.
+            row["rate"] = row["verified"] / row["seconds"]
             row["ratio"] = row["rate"] / floor_rate
             rows.append(row)
         self.inproc.release_tpm()
@@ -245,6 +259,7 @@ class BenchRun:
     def listing(self) -> None:
         rows = []
         self.inproc.release_tpm()
+        reference_keys = self._reference_keys(max(self.options.counts))
         for count in self.options.counts:
             home = self.ws.path(f"signer-list-{count}")
             identities = stack.copy_home(self.master, home, count)
@@ -257,10 +272,14 @@ class BenchRun:
             try:
                 agent = stack.start_agent(self.ws, agent_home, socket, f"agent-list-{count}")
                 try:
+                    # The agent imports asyncssh in the background once it
+                    # listens; the listing is timed after that.
+                    agent.wait_idle()
                     env = stack.env_with(self.ws.env(), SSH_AUTH_SOCK=str(socket))
                     ssh_add, listed = _time_command(["ssh-add", "-L"], env, self.options.list_repeats)
                     if set(listed.splitlines()) != expected:
                         raise BenchSetupError(f"ssh-add -L listed {len(listed.splitlines())} keys, expected {count}")
+                    round_trip = _time_list_requests(socket, count, self.options.list_repeats)
                 finally:
                     agent.stop()
             finally:
@@ -268,12 +287,41 @@ class BenchRun:
             cli, _ = _time_command(
                 [*stack.SIGNER_COMMAND, "--home", str(home), "list"], self.ws.env(), max(3, self.options.list_repeats // 2)
             )
-            rows.append({"identities": count, "ssh_add": Summary.of(ssh_add).to_json(), "cli_list": Summary.of(cli).to_json()})
+            openssh_add, openssh_trip = self._reference_listing(reference_keys[:count])
+            rows.append({
+                "identities": count,
+                "ssh_add": Summary.of(ssh_add).to_json(),
+                "round_trip": Summary.of(round_trip).to_json(),
+                "openssh_ssh_add": Summary.of(openssh_add).to_json(),
+                "openssh_round_trip": Summary.of(openssh_trip).to_json(),
+                "cli_list": Summary.of(cli).to_json(),
+            })
             shutil.rmtree(home)
+        self.results["listing"] = {"rows": rows}
 
-        env = stack.env_with(self.ws.env(), SSH_AUTH_SOCK=str(self.file_agent.socket_path))
-        reference, _ = _time_command(["ssh-add", "-L"], env, self.options.list_repeats)
-        self.results["listing"] = {"rows": rows, "file_agent_one_key": Summary.of(reference).to_json()}
+    def _reference_keys(self, count: int) -> list[Path]:
+        """Make ``count`` ECDSA P-256 key files for OpenSSH's agent, the same key type tpmsigner lists."""
+        keys = []
+        for number in range(count):
+            path = self.ws.path(f"reference-keys/id_ecdsa_{number:04d}")
+            generate_key_pair(path, "ecdsa", f"reference-{number:04d}")
+            keys.append(path)
+        return keys
+
+    def _reference_listing(self, keys: list[Path]) -> tuple[list[float], list[float]]:
+        """Time `ssh-add -L` and one listing request against OpenSSH's ssh-agent holding ``keys``."""
+        agent = OpenSshAgent(socket_path=self.ws.socket(f"reference-{len(keys)}"))
+        agent.start()
+        try:
+            for start in range(0, len(keys), 100):
+                agent.ssh_add(*(str(key) for key in keys[start : start + 100]))
+            env = stack.env_with(self.ws.env(), SSH_AUTH_SOCK=str(agent.socket_path))
+            ssh_add, listed = _time_command(["ssh-add", "-L"], env, self.options.list_repeats)
+            if len(listed.splitlines()) != len(keys):
+                raise BenchSetupError(f"OpenSSH's agent listed {len(listed.splitlines())} keys, expected {len(keys)}")
+            return ssh_add, _time_list_requests(agent.socket_path, len(keys), self.options.list_repeats)
+        finally:
+            agent.stop()
 
     # ---- logins ------------------------------------------------------------
 
@@ -384,6 +432,19 @@ class BenchRun:
             "agent_max_mib": max(agent_rss),
             "agent_median_mib": statistics.median(agent_rss),
         }
+
+
+def _time_list_requests(socket: Path, count: int, repeats: int) -> list[float]:
+    """Time the listing request alone, on a new connection each time, as ssh-add makes it."""
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        with AgentClient(socket) as client:
+            listed = client.list_identities()
+        samples.append((time.perf_counter() - started) * 1000)
+        if len(listed) != count:
+            raise BenchSetupError(f"the agent listed {len(listed)} identities, expected {count}")
+    return samples
 
 
 def _time_command(argv: list[str], env: dict[str, str], repeats: int) -> tuple[list[float], str]:
