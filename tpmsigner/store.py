@@ -156,6 +156,9 @@ class KeyStore:
         # Label by public key blob, from the last full listing, so that a
         # sign request checks one metadata file rather than all of them.
         self._labels_by_blob: dict[bytes, str] = {}
+        # Decoded key files by label, with the (inode, size, mtime) they were
+        # decoded from, checked like the metadata cache.
+        self._key_cache: dict[str, tuple[tuple[int, int, int], TpmKeyBlob]] = {}
 
     def _paths(self, label: str) -> tuple[Path, Path]:
         validate_label(label)
@@ -231,10 +234,20 @@ class KeyStore:
         """Read the wrapped key of ``identity`` and check it matches its metadata."""
         key_path, _ = self._paths(identity.label)
         try:
-            pem = key_path.read_bytes()
+            info = key_path.stat()
         except FileNotFoundError:
             raise IdentityNotFoundError(f"key file {key_path} is missing") from None
-        blob = decode_key_file(pem, source=str(key_path))
+        version = (info.st_ino, info.st_size, info.st_mtime_ns)
+        cached = self._key_cache.get(identity.label)
+        if cached and cached[0] == version:
+            blob = cached[1]
+        else:
+            try:
+                pem = key_path.read_bytes()
+            except FileNotFoundError:
+                raise IdentityNotFoundError(f"key file {key_path} is missing") from None
+            blob = decode_key_file(pem, source=str(key_path))
+            self._key_cache[identity.label] = (version, blob)
         if public_key_of(blob).blob != identity.public_key_blob:
             raise KeyFileError(
                 f"key file {key_path} contains a different public key than its metadata records; "
