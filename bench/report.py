@@ -21,6 +21,14 @@ PATH_NAMES = {
     "command": "tpmsigner-agent + `tpmsigner serve` with `command:` approver",
 }
 
+SHORT_NAMES = {
+    "floor": "floor (TPM2_Sign)",
+    "pkcs11": "ssh-agent + tpm2-pkcs11",
+    "file": "ssh-agent + key file",
+    "inproc": "tpmsigner, in-process approver",
+    "command": "tpmsigner, command: approver",
+}
+
 # Targets of the benchmark issue: (figure, target text, check).
 SIGN_RATIO_TARGET = 1.5
 LIST_TARGET_MS = 5.0
@@ -273,11 +281,11 @@ def plots(results: dict, output: Path) -> list[Path]:
     latency = axes[0][0]
     names = list(samples)
     latency.boxplot([samples[name] for name in names], vert=False, whis=(5, 95), showfliers=False)
-    latency.set_yticks(range(1, len(names) + 1), [PATH_NAMES[name].split(":")[0].replace(" (through tpm2-abrmd)", "") for name in names])
+    latency.set_yticks(range(1, len(names) + 1), [SHORT_NAMES[name] for name in names])
     latency.axvline(results["sign"]["floor"]["median"] * SIGN_RATIO_TARGET, color="tab:red", linestyle="--", label=f"target: {SIGN_RATIO_TARGET:g} × floor")
     latency.set_xlabel("milliseconds per signature (box: quartiles, whiskers: 5th-95th percentile)")
     latency.set_title("Sign latency")
-    latency.legend(loc="lower right")
+    latency.legend(loc="upper right")
     latency.invert_yaxis()
     if throughput:
         rate = axes[0][1]
