@@ -7,7 +7,6 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-import asyncssh
 
 from ..errors import ConfigError, IdentityExistsError, KeyFileError
 from ..identities import create_identity
@@ -162,6 +161,9 @@ def command_import(args: argparse.Namespace) -> int:
 
 
 def command_restrict(args: argparse.Namespace) -> int:
+    # Imported here: importing asyncssh takes longer than most commands run.
+    import asyncssh
+
     fingerprints = []
     for path in args.host_key:
         try:
