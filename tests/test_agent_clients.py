@@ -74,7 +74,7 @@ def test_paramiko_client_lists_and_signs(running_chain, monkeypatch) -> None:
     assert len(chain.approver_requests()) == 1
 
 
-def test_more_concurrent_clients_than_the_signer_serves_at_once_all_get_signatures(running_chain) -> None:
+def test_many_concurrent_clients_all_get_signatures(running_chain) -> None:
     chain, public_line = running_chain
     clients = 3 * MAX_SIGNS_IN_FLIGHT
     public_key = asyncssh.import_public_key(public_line)
@@ -93,5 +93,5 @@ def test_more_concurrent_clients_than_the_signer_serves_at_once_all_get_signatur
     assert len(chain.approver_requests()) == clients
 
 
-def test_agent_sends_no_more_sign_requests_than_the_signer_accepts() -> None:
+def test_agent_in_flight_limit_matches_signer() -> None:
     assert MAX_SIGNS_IN_FLIGHT == MAX_PENDING_PER_CONNECTION

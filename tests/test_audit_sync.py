@@ -12,7 +12,7 @@ from tpmsigner import syncer
 from tpmsigner.audit import AuditLog
 
 
-def test_records_are_written_before_append_returns_and_synced_after(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_append_writes_before_background_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     synced: list[tuple[str, int]] = []
     real_fsync = os.fsync
     release = threading.Event()
@@ -38,7 +38,7 @@ def test_records_are_written_before_append_returns_and_synced_after(tmp_path: Pa
     assert log.verify().ok
 
 
-def test_synchronous_mode_syncs_in_the_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_synchronous_mode_fsyncs_in_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     callers: list[str] = []
     real_fsync = os.fsync
 

@@ -22,7 +22,7 @@ def store_with_identity(swtpm, tmp_path: Path) -> tuple[KeyStore, tpmsigner.Iden
     return store, identity
 
 
-def test_second_use_within_the_interval_is_not_written(store_with_identity) -> None:
+def test_use_within_interval_not_written(store_with_identity) -> None:
     store, identity = store_with_identity
     now = [1000.0]
     recorder = LastUseRecorder(store, interval=60.0, clock=lambda: now[0])
@@ -42,7 +42,7 @@ def test_second_use_within_the_interval_is_not_written(store_with_identity) -> N
     assert metadata.stat().st_ino != before
 
 
-def test_failed_write_is_tried_again_at_the_next_use(store_with_identity) -> None:
+def test_failed_write_retried_next_use(store_with_identity) -> None:
     store, identity = store_with_identity
     recorder = LastUseRecorder(store, interval=60.0, clock=lambda: 5.0)
     metadata = store.keys_dir / "work.json"

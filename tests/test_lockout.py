@@ -231,7 +231,7 @@ def test_clear_lockout_restores_signing(chain: Chain, swtpm: Swtpm) -> None:
     assert status.in_lockout is False
 
 
-def test_recent_status_stands_only_while_clear_and_without_errors(swtpm: Swtpm) -> None:
+def test_recent_status_reused_only_when_clear(swtpm: Swtpm) -> None:
     set_dictionary_attack(swtpm.tcti, 600)
     with Tpm(swtpm.tcti) as tpm:
         blob = tpm.create_key(PIN.encode())

@@ -44,7 +44,7 @@ def home(tmp_path: Path) -> Path:
     return tmp_path / "home"
 
 
-def test_a_change_after_the_listing_is_seen(home: Path) -> None:
+def test_lookup_sees_atomic_rewrite(home: Path) -> None:
     work = write_identity(home, "work")
     store = KeyStore(home)
     assert store.find_by_public_key(work.public_key_blob) == work
@@ -56,7 +56,7 @@ def test_a_change_after_the_listing_is_seen(home: Path) -> None:
     assert found.allowed_host_keys == ("SHA256:abc",)
 
 
-def test_an_edit_in_place_is_seen(home: Path) -> None:
+def test_lookup_sees_edit_in_place(home: Path) -> None:
     work = write_identity(home, "work")
     store = KeyStore(home)
     store.find_by_public_key(work.public_key_blob)
@@ -70,7 +70,7 @@ def test_an_edit_in_place_is_seen(home: Path) -> None:
     assert store.find_by_public_key(work.public_key_blob).enabled is False
 
 
-def test_a_deleted_identity_is_not_found(home: Path) -> None:
+def test_lookup_misses_deleted_identity(home: Path) -> None:
     work = write_identity(home, "work")
     store = KeyStore(home)
     store.find_by_public_key(work.public_key_blob)
@@ -81,7 +81,7 @@ def test_a_deleted_identity_is_not_found(home: Path) -> None:
         store.find_by_public_key(work.public_key_blob)
 
 
-def test_an_identity_added_after_the_listing_is_found(home: Path) -> None:
+def test_lookup_finds_identity_added_later(home: Path) -> None:
     work = write_identity(home, "work")
     store = KeyStore(home)
     store.find_by_public_key(work.public_key_blob)
@@ -91,7 +91,7 @@ def test_an_identity_added_after_the_listing_is_found(home: Path) -> None:
     assert store.find_by_public_key(later.public_key_blob) == later
 
 
-def test_a_label_reused_for_another_key_is_not_mistaken(home: Path) -> None:
+def test_lookup_rejects_label_with_new_key(home: Path) -> None:
     work = write_identity(home, "work")
     store = KeyStore(home)
     store.find_by_public_key(work.public_key_blob)

@@ -139,7 +139,7 @@ def test_no_handles_left_after_close(swtpm, store) -> None:
     assert loaded_handles(swtpm.tcti) == {"transient": [], "sessions": []}
 
 
-def test_loaded_keys_stay_bounded_without_resource_manager(swtpm, store) -> None:
+def test_loaded_keys_bounded_on_swtpm(swtpm, store) -> None:
     with Tpm(swtpm.tcti) as tpm:
         identities = [tpmsigner.create_identity(tpm, store, label, PIN) for label in ("one", "two", "three")]
         for _ in range(2):
@@ -152,7 +152,7 @@ def test_loaded_keys_stay_bounded_without_resource_manager(swtpm, store) -> None
     assert loaded_handles(swtpm.tcti) == {"transient": [], "sessions": []}
 
 
-def test_pin_change_unloads_the_key_with_the_old_pin(swtpm, store) -> None:
+def test_pin_change_unloads_old_key(swtpm, store) -> None:
     with Tpm(swtpm.tcti) as tpm:
         identity = tpmsigner.create_identity(tpm, store, "work", PIN)
         tpmsigner.sign_data(tpm, store, identity, b"payload", PIN)

@@ -30,14 +30,14 @@ def UInt32(value: int) -> bytes:  # noqa: N802
 
 
 def String(value: bytes | str) -> bytes:  # noqa: N802
-    """A length-prefixed string; text is encoded as UTF-8."""
+    """Encode a length-prefixed string, text as UTF-8."""
     if isinstance(value, str):
         value = value.encode("utf-8")
     return _UINT32.pack(len(value)) + value
 
 
 def MPInt(value: int) -> bytes:  # noqa: N802
-    """A two's complement integer, big-endian, in as few bytes as keep its sign; zero is empty."""
+    """Encode a two's complement big-endian integer in the fewest bytes that keep its sign (zero has none)."""
     if value == 0:
         return _UINT32.pack(0)
     magnitude = value if value > 0 else ~value
