@@ -11,6 +11,8 @@ and system services are never touched.
 
 from __future__ import annotations
 
+import os
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,7 +109,8 @@ class Pkcs11Agent:
             env,
         )
         self.daemons.append(agent)
-        wait_until(self.socket_path.exists, 10, "ssh-agent's socket")
+        # The socket file appears at bind(), a moment before ssh-agent listens.
+        wait_until(lambda: _agent_answers(self.socket_path, agent), 10, "ssh-agent to answer on its socket")
 
         askpass = self.workdir / "askpass"
         askpass.write_text(f"#!/bin/sh\nprintf '%s\\n' '{self.pin}'\n")
@@ -140,6 +143,17 @@ class Pkcs11Agent:
             daemon.stop()
         self.daemons.clear()
         self.socket_path.unlink(missing_ok=True)
+
+
+def _agent_answers(socket_path: Path, agent: Daemon) -> bool:
+    if agent.process.poll() is not None:
+        raise BenchSetupError(f"ssh-agent exited with {agent.process.returncode}:\n{agent.log_text()}")
+    if not socket_path.exists():
+        return False
+    environment = dict(os.environ, SSH_AUTH_SOCK=str(socket_path))
+    # ssh-add -l exits with 1 for an agent without keys, 2 when it cannot connect.
+    result = subprocess.run(["ssh-add", "-l"], env=environment, capture_output=True, timeout=10, stdin=subprocess.DEVNULL)
+    return result.returncode in (0, 1)
 
 
 def _tabrmd_answers(env: dict[str, str], abrmd: Daemon) -> bool:
