@@ -55,7 +55,8 @@ class SshReader:
     def _take(self, count: int) -> bytes:
         end = self._offset + count
         if end > len(self._data):
-            raise PacketDecodeError(f"wanted {count} bytes at offset {self._offset}, but only {len(self._data) - self._offset} remain")
+            remaining = len(self._data) - self._offset
+            raise PacketDecodeError(f"expected {count} bytes at offset {self._offset}, but only {remaining} remain")
         chunk = self._data[self._offset : end]
         self._offset = end
         return chunk
