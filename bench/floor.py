@@ -37,6 +37,12 @@ from tpmsigner.templates import srk_ecc_p256_template
 from tpmsigner.tpm import PARENT_OWNER, TpmKeyBlob
 
 
+ENCRYPTED_SESSION = "salted HMAC session with parameter encryption"
+HMAC_SESSION = "salted HMAC session"
+PASSWORD = "password"
+AUTHORIZATIONS = (PASSWORD, HMAC_SESSION, ENCRYPTED_SESSION)
+
+
 class FloorSigner:
     """TPM2_Sign on a loaded ECDSA P-256 key inside a kept-open salted session."""
 
@@ -72,11 +78,25 @@ class FloorSigner:
         )
         self._ticket = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
 
-    def sign(self, data: bytes) -> tuple[bytes, float]:
-        """Return the SSH signature blob of ``data`` and the seconds TPM2_Sign took."""
+    def sign(self, data: bytes, authorization: str = ENCRYPTED_SESSION) -> tuple[bytes, float]:
+        """Return the SSH signature blob of ``data`` and the seconds TPM2_Sign took.
+
+        ``authorization`` is the floor's own session (ENCRYPTED_SESSION), the
+        same session without parameter encryption (HMAC_SESSION), or the PIN
+        sent as a plain password (PASSWORD), which tpmsigner never does; the
+        last two show what the session costs.
+        """
         digest = TPM2B_DIGEST(hashlib.sha256(data).digest())
+        if authorization == PASSWORD:
+            session = ESYS_TR.PASSWORD
+        else:
+            session = self._session
+            attributes = TPMA_SESSION.CONTINUESESSION
+            if authorization == ENCRYPTED_SESSION:
+                attributes |= TPMA_SESSION.DECRYPT
+            self._esapi.trsess_set_attributes(session, attributes)
         started = time.perf_counter()
-        signature = self._esapi.sign(self._key, digest, self._scheme, self._ticket, session1=self._session)
+        signature = self._esapi.sign(self._key, digest, self._scheme, self._ticket, session1=session)
         elapsed = time.perf_counter() - started
         r = int.from_bytes(bytes(signature.signature.ecdsa.signatureR.buffer), "big")
         s = int.from_bytes(bytes(signature.signature.ecdsa.signatureS.buffer), "big")

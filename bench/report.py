@@ -185,6 +185,16 @@ def markdown(results: dict) -> str:
             *_table(("path", "median (ms)", "p95 (ms)", "median × floor", "p95 × floor", "verified"), rows, "lrrrrr"),
         ]
 
+    sessions = results.get("floor_sessions")
+    if sessions:
+        rows = [(name, f"{value['median']:.2f}", f"{value['p95']:.2f}") for name, value in sessions.items()]
+        out += [
+            "",
+            "### What the floor's session costs (TPM2_Sign on the same loaded key)",
+            "",
+            *_table(("authorization", "median (ms)", "p95 (ms)"), rows, "lrr"),
+        ]
+
     throughput = results.get("throughput")
     if throughput:
         rows = [(

@@ -27,7 +27,7 @@ from tpmsigner.store import KeyStore
 from . import stack
 from .agentclient import AgentClient
 from .daemons import BenchSetupError, Daemon, run
-from .floor import FloorSigner
+from .floor import AUTHORIZATIONS, ENCRYPTED_SESSION, FloorSigner
 from .pkcs11 import Pkcs11Agent
 from .signdata import sshsig_data
 from .stats import Summary
@@ -156,6 +156,7 @@ class BenchRun:
         per_round = math.ceil(self.options.samples / self.options.rounds)
         samples: dict[str, list[float]] = {}
         verified: dict[str, int] = {}
+        sessions: dict[str, list[float]] = {}
 
         def add(name: str, measured: tuple[list[float], int]) -> None:
             samples.setdefault(name, []).extend(measured[0])
@@ -168,6 +169,10 @@ class BenchRun:
         def floor_step(tag: str) -> None:
             self.inproc.release_tpm()
             add("floor", self._floor_signs(per_round, tag))
+            # What the session costs, on the same loaded key.
+            for authorization in AUTHORIZATIONS:
+                measured = self._floor_signs(per_round, tag, authorization)
+                sessions.setdefault(authorization, []).extend(measured[0])
 
         def pkcs11_step(tag: str) -> None:
             assert pkcs11 is not None
@@ -209,14 +214,17 @@ class BenchRun:
             name: {**Summary.of(values).to_json(), "verified": verified[name]} for name, values in samples.items()
         }
         self.results["sign_samples"] = samples
+        self.results["floor_sessions"] = {name: Summary.of(values).to_json() for name, values in sessions.items()}
 
-    def _floor_signs(self, count: int, tag: str) -> tuple[list[float], int]:
+    def _floor_signs(
+        self, count: int, tag: str, authorization: str = ENCRYPTED_SESSION
+    ) -> tuple[list[float], int]:
         floor = FloorSigner(self.ws.tcti, self.tpm_blob, self.identity.public_key, stack.PIN.encode())
         try:
             samples, signed = [], []
             for index in range(WARM_UP + count):
                 data = sshsig_data(f"{tag} {index}")
-                signature, elapsed = floor.sign(data)
+                signature, elapsed = floor.sign(data, authorization)
                 if index >= WARM_UP:
                     samples.append(elapsed * 1000)
                     signed.append((data, signature))
