@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.ports import free_port
 from tests.support.ssh_agent import OpenSshAgent
 from tests.support.ssh_keys import generate_key_pair
 from tests.support.sshd import Sshd
@@ -465,6 +466,4 @@ def _time_command(argv: list[str], env: dict[str, str], repeats: int) -> tuple[l
 
 
 def _free_port() -> int:
-    from tests.support.ports import free_port
-
     return free_port()

@@ -27,7 +27,7 @@ from tpmsigner.signer.worker import TpmWorker
 from tpmsigner.store import KeyStore, TpmBinding
 from tpmsigner_agent.config import AgentHome
 
-from .daemons import Daemon, wait_until
+from .daemons import Daemon
 
 PIN = "bench-pin-4711"
 SIGNER_COMMAND = [sys.executable, "-m", "tpmsigner.cli"]
@@ -192,10 +192,6 @@ class InProcessSigner:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
-
-
-def wait_for_socket(path: Path, timeout: float = 10.0) -> None:
-    wait_until(path.exists, timeout, f"socket {path}")
 
 
 def env_with(base: Mapping[str, str], **values: str) -> dict[str, str]:
