@@ -178,8 +178,9 @@ class BenchRun:
         def pkcs11_step(tag: str) -> None:
             assert pkcs11 is not None
             self.inproc.release_tpm()
-            pkcs11.start()
             try:
+                # Inside the try: a start that fails half-way leaves daemons to stop.
+                pkcs11.start()
                 add("pkcs11", time_agent_signs(
                     SignTarget("pkcs11", pkcs11.socket_path, blob_of_line(pkcs11.public_line)), per_round, tag
                 ))

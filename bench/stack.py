@@ -116,7 +116,7 @@ def start_agent(workspace: Workspace, agent_home: Path, socket_path: Path, name:
         workspace.log(name),
         workspace.env(),
     )
-    agent.wait_for_log(AGENT_READY)
+    _wait_or_stop(agent, AGENT_READY)
     return agent
 
 
@@ -138,8 +138,17 @@ def start_serve(workspace: Workspace, home: Path, port: int, approver: Path, nam
         workspace.log(name),
         workspace.env(),
     )
-    signer.wait_for_log(SIGNER_READY)
+    _wait_or_stop(signer, SIGNER_READY)
     return signer
+
+
+def _wait_or_stop(daemon: Daemon, marker: str) -> None:
+    """Wait for ``daemon`` to log ``marker``; stop it if it does not, so that nothing is left running."""
+    try:
+        daemon.wait_for_log(marker)
+    except BaseException:
+        daemon.stop()
+        raise
 
 
 class InProcessSigner:
