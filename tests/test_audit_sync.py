@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,20 @@ def test_synchronous_mode_fsyncs_in_caller(tmp_path: Path, monkeypatch: pytest.M
     log = AuditLog(tmp_path / "audit.jsonl", sync_in_background=False)
     log.append({"request_id": 1, "outcome": "denied"})
     assert callers == [threading.current_thread().name]
+
+
+def test_idle_sync_thread_exits_and_restarts(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    path.write_bytes(b"data\n")
+    sync = syncer.BackgroundSync("fsync test", idle_exit=0.2)
+
+    sync.request(path)
+    assert sync.flush()
+    deadline = time.monotonic() + 10
+    while sync.is_running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not sync.is_running()
+
+    sync.request(path)
+    assert sync.is_running()
+    assert sync.flush()

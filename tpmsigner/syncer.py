@@ -22,13 +22,16 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 10.0
+# A thread with nothing to sync for this long exits; the next request starts another.
+IDLE_EXIT_SECONDS = 5.0
 
 
 class BackgroundSync:
     """A daemon thread that fsyncs the files named to ``request``."""
 
-    def __init__(self, name: str = "fsync") -> None:
+    def __init__(self, name: str = "fsync", idle_exit: float = IDLE_EXIT_SECONDS) -> None:
         self._name = name
+        self._idle_exit = idle_exit
         self._condition = threading.Condition()
         self._pending: set[Path] = set()
         self._syncing = False
@@ -48,10 +51,18 @@ class BackgroundSync:
         with self._condition:
             return self._condition.wait_for(lambda: not self._pending and not self._syncing, timeout)
 
+    def is_running(self) -> bool:
+        """Return whether a sync thread exists right now."""
+        with self._condition:
+            return self._thread is not None and self._thread.is_alive()
+
     def _run(self) -> None:
         while True:
             with self._condition:
-                self._condition.wait_for(lambda: self._pending)
+                if not self._condition.wait_for(lambda: self._pending, self._idle_exit):
+                    # request() starts a new thread under the same lock.
+                    self._thread = None
+                    return
                 paths, self._pending = self._pending, set()
                 self._syncing = True
             try:
