@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
 import tpmsigner
 from tpmsigner.errors import TpmAuthError, TpmKeyLoadError
 from tpmsigner.keyfile import decode_key_file
+from tpmsigner.signer.worker import TpmWorker
 from tpmsigner.templates import SRK_PERSISTENT_HANDLE, srk_ecc_p256_template
 from tpmsigner.tpm import PARENT_OWNER, Tpm
 from tests.support import start_swtpm
@@ -246,3 +248,25 @@ def test_key_from_another_tpm_does_not_load(swtpm, store, tmp_path) -> None:
 
     assert "another TPM" in str(raised.value)
     assert {path.name: path.read_bytes() for path in store.keys_dir.iterdir()} == files_before
+
+
+def test_worker_flushes_idle_loaded_keys(swtpm, store) -> None:
+    tpm = Tpm(swtpm.tcti)
+    identity = tpmsigner.create_identity(tpm, store, "work", PIN)
+    worker = TpmWorker(tpm, key_idle=0.3)
+
+    async def sign_then_wait() -> tuple[int, int]:
+        await worker.call(tpmsigner.sign_data, tpm, store, identity, b"payload", PIN)
+        right_after = len(loaded_handles(swtpm.tcti)["transient"])
+        await asyncio.sleep(1.5)
+        return right_after, len(loaded_handles(swtpm.tcti)["transient"])
+
+    try:
+        right_after, idle = asyncio.run(asyncio.wait_for(sign_then_wait(), 30))
+    finally:
+        worker.close()
+
+    # The storage primary and the signing key, then the primary alone.
+    assert right_after == 2
+    assert idle == 1
+    assert loaded_handles(swtpm.tcti) == {"transient": [], "sessions": []}

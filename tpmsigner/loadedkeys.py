@@ -15,7 +15,10 @@ one of which holds the storage key, so there one key stays loaded and one
 slot is left for other programs.  Behind a resource manager (/dev/tpmrm0,
 tpm2-abrmd) objects are swapped out between commands, and a few more may
 stay loaded.  Every handle is flushed when it is evicted, when its PIN
-changes, and when the TPM context closes or resets.
+changes, and when the TPM context closes or resets.  The signer also
+flushes them after LOADED_KEY_IDLE_SECONDS without a TPM call
+(tpmsigner/signer/worker.py), so that another program on the same
+emulator finds its slot free again.
 """
 
 from __future__ import annotations

@@ -743,6 +743,18 @@ class Tpm:
             self._flush_quietly(evicted)
         return key_handle, session
 
+    def flush_loaded_keys(self) -> int:
+        """Flush the signing keys kept loaded between signatures; return how many there were.
+
+        The next signature loads its key again.  The signer calls this when
+        the TPM has been idle for a while (tpmsigner.signer.worker).
+        """
+        with self._lock:
+            handles = self._loaded.clear()
+            for handle in handles:
+                self._flush_quietly(handle)
+            return len(handles)
+
     def _forget_pin(self, key_handle: ESYS_TR) -> None:
         """Clear the PIN from a loaded key's ESAPI object, so it stays in memory no longer than one command."""
         if self._esapi is None:
