@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import importlib
 import logging
 import math
 import os
@@ -19,8 +21,7 @@ from tpmsigner.protocol.channel import format_public_key, public_key_fingerprint
 from tpmsigner.audit import AuditLog, print_audit
 
 from .audit import default_audit_path
-from .config import AgentHome, default_home
-from .discovery import DEFAULT_BROWSE_TIMEOUT
+from .config import DEFAULT_BROWSE_TIMEOUT, AgentHome, default_home
 from .socket_path import bind_agent_socket, default_socket_path
 
 logger = logging.getLogger("tpmsigner_agent")
@@ -45,8 +46,6 @@ def command_trust(args: argparse.Namespace) -> int:
 
 
 def command_pair(args: argparse.Namespace) -> int:
-    import asyncio
-
     from tpmsigner.pairing import default_name, require_terminal
 
     from .pairing import pair_with_signer
@@ -69,8 +68,6 @@ def command_pair(args: argparse.Namespace) -> int:
 
 
 def command_discover(args: argparse.Namespace) -> int:
-    import asyncio
-
     from tpmsigner.commands.common import print_json
     from tpmsigner.discovery import SIGNER_SERVICE
 
@@ -120,6 +117,10 @@ def _serve(sock: socket.socket, path: Path, home: AgentHome, audit_path: Path) -
     async def start() -> None:
         await server.start(sock)
         logger.info("agent listening on %s for %d signer(s)", path, len(signers))
+        # asyncssh checks session bindings and known_hosts at the first ssh
+        # login; importing it takes longer than the agent may take to start,
+        # so it is imported now that the agent answers, not before.
+        asyncio.get_running_loop().run_in_executor(None, importlib.import_module, "asyncssh")
 
     try:
         serve_until_signal(start, server.close, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))

@@ -24,6 +24,9 @@ NOISE_KEY_FILE = "noise-static-key.pem"
 SIGNERS_FILE = "signers.json"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 MDNS_ADDRESS = "mdns"
+# Seconds to listen for mDNS advertisements (pair, discover).  It lives here
+# rather than in .discovery so that the agent starts without importing zeroconf.
+DEFAULT_BROWSE_TIMEOUT = 3.0
 
 
 def default_home() -> Path:

@@ -15,7 +15,6 @@ import os
 import pwd
 from dataclasses import dataclass, field
 
-import asyncssh
 
 from tpmsigner.protocol.sessionbind import BindingEvidence, SessionBind
 from tpmsigner.protocol.signeddata import SignedDataInfo
@@ -160,6 +159,9 @@ def verified_host_name(target: SshTarget | None, host_key: bytes) -> tuple[str, 
     """
     if target is None:
         return "", False
+    # Imported here, not at start: see verify_session_bind.
+    import asyncssh
+
     for path in target.known_hosts_files:
         if not os.path.isfile(path):
             continue

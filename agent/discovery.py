@@ -12,9 +12,10 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from tpmsigner.discovery import parse_txt, zeroconf_options
 
+from .config import DEFAULT_BROWSE_TIMEOUT
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_BROWSE_TIMEOUT = 3.0
 # How long one resolution (SRV, TXT and address records) may take.
 RESOLVE_TIMEOUT = 3.0
 CONNECT_TIMEOUT_PER_ADDRESS = 3.0

@@ -39,6 +39,11 @@ LIST_TIMEOUT = 10.0
 # Longer than the signer's default approval timeout of 60 s, so the signer's
 # own TIMED_OUT reply normally arrives first.
 SIGN_TIMEOUT = 120.0
+# Sign requests sent to one signer and not yet answered.  The signer serves
+# at most this many per connection and answers BUSY to the next
+# (MAX_PENDING_PER_CONNECTION in tpmsigner/signer/server.py), so further
+# requests wait here for their turn instead of failing.
+MAX_SIGNS_IN_FLIGHT = 16
 
 
 class SignerUnavailableError(SignerError):
@@ -54,6 +59,7 @@ class SignerClient:
         self._connecting: asyncio.Future[channel.NoiseChannel] | None = None
         self._waiting: dict[int, asyncio.Future[Message]] = {}
         self._request_ids = itertools.count(1)
+        self._sign_turns = asyncio.Semaphore(MAX_SIGNS_IN_FLIGHT)
 
     async def list_identities(self) -> list[tuple[bytes, str]]:
         reply = await self._request(lambda request_id: ListRequest(request_id), LIST_TIMEOUT)
@@ -65,7 +71,9 @@ class SignerClient:
         self, key_blob: bytes, data: bytes, flags: int, process: ProcessInfo, evidence: BindingEvidence | None = None
     ) -> bytes:
         reply = await self._request(
-            lambda request_id: SignRequest(request_id, key_blob, data, flags, process, evidence), SIGN_TIMEOUT
+            lambda request_id: SignRequest(request_id, key_blob, data, flags, process, evidence),
+            SIGN_TIMEOUT,
+            self._sign_turns,
         )
         if isinstance(reply, SignReply):
             return reply.signature
@@ -85,16 +93,23 @@ class SignerClient:
             return SignerError(reply.message, code=reply.code)
         return SignerError(f"unexpected reply {type(reply).__name__} from signer {self.signer.name!r}")
 
-    async def _request(self, build, timeout: float) -> Message:
+    async def _request(self, build, timeout: float, turns: asyncio.Semaphore | None = None) -> Message:
         """Send one request and wait for its reply, all within ``timeout`` seconds.
 
-        Connecting, sending (which blocks while the signer does not read)
-        and waiting all count toward the same timeout.
+        Waiting for a turn among ``turns``, connecting, sending (which
+        blocks while the signer does not read) and waiting for the reply all
+        count toward the same timeout.
         """
         try:
-            return await asyncio.wait_for(self._exchange(build), timeout)
+            return await asyncio.wait_for(self._exchange_in_turn(build, turns), timeout)
         except asyncio.TimeoutError:
             raise SignerUnavailableError(f"signer {self.signer.name!r} did not reply within {timeout:g} s") from None
+
+    async def _exchange_in_turn(self, build, turns: asyncio.Semaphore | None) -> Message:
+        if turns is None:
+            return await self._exchange(build)
+        async with turns:
+            return await self._exchange(build)
 
     async def _exchange(self, build) -> Message:
         request_id = next(self._request_ids) & 0xFFFFFFFF

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from asyncssh.packet import Byte, PacketDecodeError, SSHPacket, String, UInt32
+from tpmsigner.protocol.sshwire import Byte, PacketDecodeError, SshReader, String, UInt32
 
 from tpmsigner.errors import ProtocolError
 
@@ -40,7 +40,7 @@ class SignRequest:
 def decode_sign_request(body: bytes) -> SignRequest:
     """Parse the contents after the type byte; reject leftover bytes."""
     try:
-        packet = SSHPacket(body)
+        packet = SshReader(body)
         request = SignRequest(packet.get_string(), packet.get_string(), packet.get_uint32())
         packet.check_end()
     except PacketDecodeError as exc:
@@ -60,7 +60,7 @@ def encode_identities_answer(identities: list[tuple[bytes, str]]) -> bytes:
 
 def decode_identities_answer(body: bytes) -> list[tuple[bytes, str]]:
     try:
-        packet = SSHPacket(body)
+        packet = SshReader(body)
         count = packet.get_uint32()
         identities = [(packet.get_string(), packet.get_string().decode("utf-8")) for _ in range(count)]
         packet.check_end()
@@ -88,7 +88,7 @@ QUERY_EXTENSION = b"query"
 def decode_extension(body: bytes) -> tuple[bytes, bytes]:
     """Split SSH_AGENTC_EXTENSION contents into (name, extension-specific contents)."""
     try:
-        packet = SSHPacket(body)
+        packet = SshReader(body)
         name = packet.get_string()
     except PacketDecodeError as exc:
         raise ProtocolError(f"malformed extension request: {exc}") from None

@@ -9,6 +9,8 @@ import paramiko
 import pytest
 
 from tests.support.chain import Chain
+from tpmsigner.signer.server import MAX_PENDING_PER_CONNECTION
+from tpmsigner_agent.signer_client import MAX_SIGNS_IN_FLIGHT
 
 PIN = "4711-agent-clients"
 
@@ -70,3 +72,26 @@ def test_paramiko_client_lists_and_signs(running_chain, monkeypatch) -> None:
 
     assert asyncssh.import_public_key(public_line).verify(b"paramiko payload", signature)
     assert len(chain.approver_requests()) == 1
+
+
+def test_many_concurrent_clients_all_get_signatures(running_chain) -> None:
+    chain, public_line = running_chain
+    clients = 3 * MAX_SIGNS_IN_FLIGHT
+    public_key = asyncssh.import_public_key(public_line)
+
+    async def sign(number: int) -> bool:
+        async with asyncssh.connect_agent(str(chain.agent_socket)) as agent:
+            keys = await agent.get_keys()
+            payload = f"concurrent {number}".encode()
+            return public_key.verify(payload, await keys[0].sign_async(payload))
+
+    async def sign_all() -> list[bool]:
+        return await asyncio.gather(*(sign(number) for number in range(clients)))
+
+    # The agent queues what the signer would refuse as BUSY.
+    assert asyncio.run(asyncio.wait_for(sign_all(), 120)) == [True] * clients
+    assert len(chain.approver_requests()) == clients
+
+
+def test_agent_in_flight_limit_matches_signer() -> None:
+    assert MAX_SIGNS_IN_FLIGHT == MAX_PENDING_PER_CONNECTION

@@ -229,3 +229,28 @@ def test_clear_lockout_restores_signing(chain: Chain, swtpm: Swtpm) -> None:
     assert signature
     assert status.failed_tries == 0
     assert status.in_lockout is False
+
+
+def test_recent_status_reused_only_when_clear(swtpm: Swtpm) -> None:
+    set_dictionary_attack(swtpm.tcti, 600)
+    with Tpm(swtpm.tcti) as tpm:
+        blob = tpm.create_key(PIN.encode())
+        assert tpm.recent_lockout_status() is None      # nothing read yet
+
+        read = tpm.lockout_status()
+        assert tpm.recent_lockout_status() == read
+        assert tpm.recent_lockout_status(max_age=0.0) is None
+
+        # A wrong PIN changes the counter, so the status read before it no
+        # longer stands; the one read to report the tries left does.
+        with pytest.raises(TpmAuthError):
+            tpm.sign_digest(blob, DIGEST, WRONG_PIN.encode())
+        recent = tpm.recent_lockout_status()
+        assert recent is not None and recent.failed_tries == read.failed_tries + 1
+
+        for _ in range(MAX_TRIES - 1):
+            with pytest.raises(TpmAuthError):
+                tpm.sign_digest(blob, DIGEST, WRONG_PIN.encode())
+        # A status that shows the lockout is never reused: each request asks the TPM.
+        assert tpm.lockout_status().in_lockout is True
+        assert tpm.recent_lockout_status() is None

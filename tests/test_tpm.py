@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
 import tpmsigner
 from tpmsigner.errors import TpmAuthError, TpmKeyLoadError
 from tpmsigner.keyfile import decode_key_file
+from tpmsigner.signer.worker import TpmWorker
 from tpmsigner.templates import SRK_PERSISTENT_HANDLE, srk_ecc_p256_template
 from tpmsigner.tpm import PARENT_OWNER, Tpm
 from tests.support import start_swtpm
@@ -128,13 +130,46 @@ def test_no_handles_left_after_close(swtpm, store) -> None:
             tpmsigner.sign_data(tpm, store, identity, b"payload", b"wrong-pin")
         after_wrong_pin = loaded_handles(swtpm.tcti)
 
-    # While open: the storage primary and the HMAC session, no signing key.
-    assert len(after_signing["transient"]) == 1
+    # While open: the storage primary, the signing key kept loaded for the
+    # next signature (once, however many signatures), and the HMAC session.
+    assert len(after_signing["transient"]) == 2
     assert len(after_signing["sessions"]) == 1
     # A failed authorisation flushes the session; the next sign starts one.
-    assert len(after_wrong_pin["transient"]) == 1
+    # The loaded key stays: without its PIN it is of no use to anyone.
+    assert len(after_wrong_pin["transient"]) == 2
     assert after_wrong_pin["sessions"] == []
     assert loaded_handles(swtpm.tcti) == {"transient": [], "sessions": []}
+
+
+def test_loaded_keys_bounded_on_swtpm(swtpm, store) -> None:
+    with Tpm(swtpm.tcti) as tpm:
+        identities = [tpmsigner.create_identity(tpm, store, label, PIN) for label in ("one", "two", "three")]
+        for _ in range(2):
+            for identity in identities:
+                signature = tpmsigner.sign_data(tpm, store, identity, b"payload", PIN)
+                assert asyncssh.import_public_key(identity.openssh_line()).verify(b"payload", signature)
+                # swtpm has three object slots: the storage primary and one
+                # signing key at most, so another program still has one.
+                assert len(loaded_handles(swtpm.tcti)["transient"]) == 2
+    assert loaded_handles(swtpm.tcti) == {"transient": [], "sessions": []}
+
+
+def test_pin_change_unloads_old_key(swtpm, store) -> None:
+    with Tpm(swtpm.tcti) as tpm:
+        identity = tpmsigner.create_identity(tpm, store, "work", PIN)
+        tpmsigner.sign_data(tpm, store, identity, b"payload", PIN)
+        assert len(loaded_handles(swtpm.tcti)["transient"]) == 2
+
+        new_blob = tpm.change_pin(store.key_blob(identity), PIN, b"new-pin-5678")
+        store.replace_key(identity, new_blob)
+
+        # The copy loaded with the old PIN is gone, so the old PIN works on
+        # no loaded object any more; the new file signs with the new PIN.
+        assert len(loaded_handles(swtpm.tcti)["transient"]) == 1
+        signature = tpmsigner.sign_data(tpm, store, identity, b"payload", b"new-pin-5678")
+        assert asyncssh.import_public_key(identity.openssh_line()).verify(b"payload", signature)
+        with pytest.raises(TpmAuthError):
+            tpmsigner.sign_data(tpm, store, identity, b"payload", PIN)
 
 
 def test_stale_handles_are_flushed_by_owner(swtpm, store) -> None:
@@ -213,3 +248,25 @@ def test_key_from_another_tpm_does_not_load(swtpm, store, tmp_path) -> None:
 
     assert "another TPM" in str(raised.value)
     assert {path.name: path.read_bytes() for path in store.keys_dir.iterdir()} == files_before
+
+
+def test_worker_flushes_idle_loaded_keys(swtpm, store) -> None:
+    tpm = Tpm(swtpm.tcti)
+    identity = tpmsigner.create_identity(tpm, store, "work", PIN)
+    worker = TpmWorker(tpm, key_idle=0.3)
+
+    async def sign_then_wait() -> tuple[int, int]:
+        await worker.call(tpmsigner.sign_data, tpm, store, identity, b"payload", PIN)
+        right_after = len(loaded_handles(swtpm.tcti)["transient"])
+        await asyncio.sleep(1.5)
+        return right_after, len(loaded_handles(swtpm.tcti)["transient"])
+
+    try:
+        right_after, idle = asyncio.run(asyncio.wait_for(sign_then_wait(), 30))
+    finally:
+        worker.close()
+
+    # The storage primary and the signing key, then the primary alone.
+    assert right_after == 2
+    assert idle == 1
+    assert loaded_handles(swtpm.tcti) == {"transient": [], "sessions": []}

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .errors import ConfigError, StateWriteError
 from .fsutil import ensure_private_dir
+from .syncer import BackgroundSync, sync_file
 from .protocol.messages import FailureCode
 
 GENESIS = "0" * 64
@@ -71,14 +72,27 @@ def utc_timestamp() -> str:
 
 
 class AuditLog:
-    """One audit log file; appends are serialised and flushed to disk."""
+    """One audit log file; appends are serialised and flushed to disk.
 
-    def __init__(self, path: Path, max_bytes: int = 10 * 1024 * 1024, keep: int = 5) -> None:
+    Each record is written before ``append`` returns; the fsync that takes
+    it to the disk runs on a background thread right after (see
+    tpmsigner/syncer.py), unless ``sync_in_background`` is false.
+    """
+
+    def __init__(
+        self, path: Path, max_bytes: int = 10 * 1024 * 1024, keep: int = 5, sync_in_background: bool = True
+    ) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
         self.keep = keep
         self._lock = threading.Lock()
         self._last_hash: str | None = None
+        self._syncer = BackgroundSync(f"fsync {self.path.name}") if sync_in_background else None
+
+    def flush(self) -> None:
+        """Wait until every appended record is on the disk."""
+        if self._syncer is not None and not self._syncer.flush():
+            raise OSError(f"flushing the audit log {self.path} to disk did not finish in time")
 
     def _rotated(self, number: int) -> Path:
         return self.path.with_name(f"{self.path.name}.{number}")
@@ -89,6 +103,9 @@ class AuditLog:
         return older + ([self.path] if self.path.exists() else [])
 
     def _rotate(self) -> None:
+        # The file keeps its inode when renamed; its last records go to
+        # disk now, as the background fsync names the path, not the file.
+        sync_file(self.path)
         oldest = self._rotated(self.keep)
         if oldest.exists():
             oldest.unlink()
@@ -109,14 +126,16 @@ class AuditLog:
                 self._rotate()
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
-                self._append_line(fd, line + b"\n")
+                self._append_line(fd, line + b"\n", sync=self._syncer is None)
             finally:
                 os.close(fd)
+            if self._syncer is not None:
+                self._syncer.request(self.path)
             self._last_hash = line_hash(line)
             return entry
 
-    def _append_line(self, fd: int, line: bytes) -> None:
-        """Write ``line`` at the end of the open log and flush it, or leave the log as it was.
+    def _append_line(self, fd: int, line: bytes, sync: bool) -> None:
+        """Write ``line`` at the end of the open log (and fsync it if ``sync``), or leave the log as it was.
 
         A full disk can take the first part of a line and reject the rest,
         so after any failure the file is cut back to its old size: a partial
@@ -127,7 +146,8 @@ class AuditLog:
             written = 0
             while written < len(line):
                 written += os.write(fd, line[written:])
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         except OSError as exc:
             os.ftruncate(fd, size_before)
             raise StateWriteError(

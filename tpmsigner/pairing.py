@@ -25,7 +25,7 @@ import socket
 import sys
 from dataclasses import dataclass
 
-from asyncssh.packet import Byte, PacketDecodeError, SSHPacket, String
+from .protocol.sshwire import Byte, PacketDecodeError, SshReader, String
 
 from .errors import ChannelError, ConfigError, ProtocolError
 from .protocol.channel import NoiseChannel
@@ -92,7 +92,7 @@ def encode(message: PairingMessage) -> bytes:
 
 def decode(payload: bytes) -> PairingMessage:
     """Parse one pairing message; raise ProtocolError when it is malformed."""
-    packet = SSHPacket(payload)
+    packet = SshReader(payload)
     try:
         message_type = packet.get_byte()
         if message_type == HELLO:

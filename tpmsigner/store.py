@@ -203,6 +203,12 @@ class KeyStore:
         # parsed from.  Every write replaces the file by rename, so a new
         # inode, and any change by hand alters size or mtime.
         self._metadata_cache: dict[str, tuple[tuple[int, int, int], Identity]] = {}
+        # Label by public key blob, from the last full listing, so that a
+        # sign request checks one metadata file rather than all of them.
+        self._labels_by_blob: dict[bytes, str] = {}
+        # Decoded key files by label, with the (inode, size, mtime) they were
+        # decoded from, checked like the metadata cache.
+        self._key_cache: dict[str, tuple[tuple[int, int, int], TpmKeyBlob]] = {}
 
     def _paths(self, label: str) -> tuple[Path, Path]:
         validate_label(label)
@@ -222,6 +228,7 @@ class KeyStore:
         )
         identities = []
         cache = {}
+        labels: dict[bytes, str] = {}
         for entry in entries:
             info = entry.stat()
             version = (info.st_ino, info.st_size, info.st_mtime_ns)
@@ -229,7 +236,10 @@ class KeyStore:
             identity = cached[1] if cached and cached[0] == version else self._read_metadata(Path(entry.path))
             cache[entry.name] = (version, identity)
             identities.append(identity)
+            for blob in identity.agent_key_blobs():
+                labels.setdefault(blob, identity.label)
         self._metadata_cache = cache
+        self._labels_by_blob = labels
         return identities
 
     def get(self, label: str) -> Identity:
@@ -239,20 +249,56 @@ class KeyStore:
         return self._read_metadata(metadata_path)
 
     def find_by_public_key(self, blob: bytes) -> Identity:
-        """Return the identity whose key blob, or whose certificate blob, is ``blob``."""
+        """Return the identity whose key blob, or whose certificate blob, is ``blob``.
+
+        The identity found at the last listing is checked against its
+        metadata file as it is now (one stat, and a read if it changed);
+        only when that fails are all files listed again.
+        """
+        label = self._labels_by_blob.get(blob)
+        if label is not None:
+            identity = self._current_metadata(label)
+            if identity is not None and blob in identity.agent_key_blobs():
+                return identity
         for identity in self.list():
             if blob in identity.agent_key_blobs():
                 return identity
         raise IdentityNotFoundError("no identity has the requested public key")
 
+    def _current_metadata(self, label: str) -> Identity | None:
+        """Return the identity in ``label``'s metadata file now, from the cache if the file is unchanged."""
+        name = label + METADATA_SUFFIX
+        path = self.keys_dir / name
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            return None
+        version = (info.st_ino, info.st_size, info.st_mtime_ns)
+        cached = self._metadata_cache.get(name)
+        if cached and cached[0] == version:
+            return cached[1]
+        identity = self._read_metadata(path)
+        self._metadata_cache[name] = (version, identity)
+        return identity
+
     def key_blob(self, identity: Identity) -> TpmKeyBlob:
         """Read the wrapped key of ``identity`` and check it matches its metadata."""
         key_path, _ = self._paths(identity.label)
         try:
-            pem = key_path.read_bytes()
+            info = key_path.stat()
         except FileNotFoundError:
             raise IdentityNotFoundError(f"key file {key_path} is missing") from None
-        blob = decode_key_file(pem, source=str(key_path))
+        version = (info.st_ino, info.st_size, info.st_mtime_ns)
+        cached = self._key_cache.get(identity.label)
+        if cached and cached[0] == version:
+            blob = cached[1]
+        else:
+            try:
+                pem = key_path.read_bytes()
+            except FileNotFoundError:
+                raise IdentityNotFoundError(f"key file {key_path} is missing") from None
+            blob = decode_key_file(pem, source=str(key_path))
+            self._key_cache[identity.label] = (version, blob)
         if public_key_of(blob).blob != identity.public_key_blob:
             raise KeyFileError(
                 f"key file {key_path} contains a different public key than its metadata records; "

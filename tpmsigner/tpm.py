@@ -2,7 +2,8 @@
 
 All TPM work goes through ``Tpm``: it owns the ESAPI context, the storage
 root key handle and one salted HMAC session with parameter encryption, and
-it flushes every transient object it loads.  swtpm without a resource
+it flushes every transient object it loads (signing keys stay loaded between
+signatures, a bounded few: see ``tpmsigner.loadedkeys``).  swtpm without a resource
 manager has only three object slots, so a leaked handle would stop the
 signer after a few requests.
 
@@ -13,8 +14,11 @@ loop (see ``tpmsigner.signer.worker``).
 
 from __future__ import annotations
 
+import functools
 import logging
+import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -60,6 +64,7 @@ from .errors import (
     UnsupportedByTpmError,
 )
 from .keytypes import DEFAULT_KEY_TYPE, KEY_TYPES, KeyType
+from .loadedkeys import LoadedKeys, loaded_key_capacity
 from .protocol.sshkeys import NISTP256, NISTP384, EcdsaPublicKey, RsaPublicKey, SshPublicKey
 from .templates import (
     SIGNING_KEY_FORBIDDEN,
@@ -106,6 +111,14 @@ def check_pin_length(pin: bytes) -> None:
 # signature bytes for RSA.
 RawSignature = tuple[int, int] | bytes
 
+# How long a lockout status read that showed no lockout stands in for a new
+# read (see Tpm.recent_lockout_status).  The check only spares a person a
+# prompt and the TPM a PIN it would reject: the TPM enforces the lockout
+# itself (TPM 2.0 Library Part 1, section 19.8), so a lockout that starts
+# in between still fails the signature with TPM_RC_LOCKOUT, and such a try
+# is not counted.
+LOCKOUT_STATUS_REUSE_SECONDS = 1.0
+
 # TCTIs that talk to a TPM or emulator with no resource manager in between.
 _NO_RESOURCE_MANAGER_TCTIS = {"swtpm", "mssim"}
 
@@ -137,7 +150,15 @@ class TpmKeyBlob:
 
 def public_key_of(blob: TpmKeyBlob) -> SshPublicKey:
     """Return the SSH public key of a wrapped key, checking its attributes."""
-    public, _ = TPM2B_PUBLIC.unmarshal(blob.public)
+    return _public_key_of_area(blob.public)
+
+
+# The same public area always gives the same key (errors are not kept), and
+# unmarshalling it through tpm2-pytss takes about 0.1 ms, twice per
+# signature, so results are kept for the keys in use.
+@functools.lru_cache(maxsize=64)
+def _public_key_of_area(marshalled_public: bytes) -> SshPublicKey:
+    public, _ = TPM2B_PUBLIC.unmarshal(marshalled_public)
     area = public.publicArea
 
     attributes = int(area.objectAttributes)
@@ -180,6 +201,47 @@ def _template_for(key_type: KeyType):
         return ecc_signing_key_template(_TPM_CURVE_IDS[key_type.curve.ssh_name])
     assert key_type.rsa_bits is not None
     return rsa_signing_key_template(key_type.rsa_bits)
+
+
+# The scheme and the (empty) hash check ticket of TPM2_Sign, built once per
+# scheme: tpm2-pytss objects cost tens of microseconds each to build, and
+# esapi.sign only reads them.
+@functools.lru_cache(maxsize=16)
+def _sign_parameters(scheme_alg: int, hash_alg: int) -> tuple[TPMT_SIG_SCHEME, TPMT_TK_HASHCHECK]:
+    if scheme_alg == TPM2_ALG.ECDSA:
+        details = TPMU_SIG_SCHEME(ecdsa=TPMS_SCHEME_HASH(hashAlg=hash_alg))
+    else:
+        details = TPMU_SIG_SCHEME(rsassa=TPMS_SCHEME_HASH(hashAlg=hash_alg))
+    scheme = TPMT_SIG_SCHEME(scheme=scheme_alg, details=details)
+    ticket = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
+    return scheme, ticket
+
+
+def _raw_signature(marshalled: bytes, scheme_alg: int) -> RawSignature:
+    """Read (r, s) or the RSASSA signature from a marshalled TPMT_SIGNATURE.
+
+    TPM 2.0 Library Part 2, TPMT_SIGNATURE: UINT16 sigAlg, then for ECDSA
+    UINT16 hash and two TPM2B (r, s), for RSASSA UINT16 hash and one TPM2B.
+    Reading the bytes costs a tenth of tpm2-pytss's attribute access.
+    """
+    offset = 4
+    values = []
+    try:
+        (sig_alg,) = struct.unpack_from(">H", marshalled)
+        for _ in range(2 if scheme_alg == TPM2_ALG.ECDSA else 1):
+            (size,) = struct.unpack_from(">H", marshalled, offset)
+            values.append(marshalled[offset + 2 : offset + 2 + size])
+            offset += 2 + size
+    except struct.error:
+        raise TpmError("the TPM returned a truncated signature") from None
+    if sig_alg != scheme_alg or offset != len(marshalled):
+        raise TpmError(
+            f"the TPM returned a signature of scheme 0x{sig_alg:04x} and {len(marshalled)} bytes, "
+            f"not one of scheme 0x{scheme_alg:04x}"
+        )
+    if scheme_alg == TPM2_ALG.RSASSA:
+        return values[0]
+    return int.from_bytes(values[0], "big"), int.from_bytes(values[1], "big")
 
 
 def _response_code(exc: TSS2_Exception) -> int:
@@ -279,6 +341,11 @@ class Tpm:
         self._algorithms: set[int] | None = None
         # (resetCount, restartCount) when the context was opened.
         self._startup_counts: tuple[int, int] | None = None
+        # Signing keys stay loaded between signatures (see tpmsigner.loadedkeys).
+        self._loaded: LoadedKeys[ESYS_TR] = LoadedKeys(loaded_key_capacity(tcti))
+        # (when, status) of the last lockout status read, if it showed no
+        # lockout and no TPM error came since.
+        self._clear_status: tuple[float, LockoutStatus] | None = None
 
     # ---- context lifecycle -------------------------------------------------
 
@@ -303,8 +370,10 @@ class Tpm:
         session, self._session = self._session, None
         parents, self._parents = self._parents, {}
         flush_parents, self._flush_parents = self._flush_parents, set()
+        loaded_keys = self._loaded.clear()
         self._algorithms = None
         self._startup_counts = None
+        self._clear_status = None
         if esapi is None:
             return
 
@@ -313,6 +382,8 @@ class Tpm:
         try:
             if flush_handles and session is not None:
                 esapi.flush_context(session)
+            for key_handle in loaded_keys:
+                esapi.flush_context(key_handle)
             for parent_handle, handle in parents.items():
                 if flush_handles and parent_handle in flush_parents:
                     esapi.flush_context(handle)
@@ -397,6 +468,7 @@ class Tpm:
     def _translate(self, exc: TSS2_Exception, what: str) -> TpmError:
         """Turn a TSS2 exception into a TpmError, resetting state as needed."""
         code = _response_code(exc)
+        self._clear_status = None
 
         if _is_connection_error(exc):
             self._reset()
@@ -458,13 +530,15 @@ class Tpm:
 
     def _lockout_status(self) -> LockoutStatus:
         values = self._properties(PT_PERMANENT, PT_LOCKOUT_RECOVERY - PT_PERMANENT + 1)
-        return LockoutStatus(
+        status = LockoutStatus(
             failed_tries=values.get(PT_LOCKOUT_COUNTER, 0),
             max_tries=values.get(PT_MAX_AUTH_FAIL, 0),
             interval=values.get(PT_LOCKOUT_INTERVAL, 0),
             recovery=values.get(PT_LOCKOUT_RECOVERY, 0),
             in_lockout=bool(values.get(PT_PERMANENT, 0) & PERMANENT_IN_LOCKOUT),
         )
+        self._clear_status = None if status.in_lockout else (time.monotonic(), status)
+        return status
 
     def lockout_status(self) -> LockoutStatus:
         """Return the dictionary-attack counter and settings."""
@@ -696,9 +770,10 @@ class Tpm:
         the curve's hash for ECDSA keys and is required for RSA keys.  RSA
         keys sign with RSASSA-PKCS1-v1_5 only, never with a raw private-key
         operation, so the key cannot serve as a decryption oracle.  The key
-        is loaded, used once and flushed.  A wrong PIN raises TpmAuthError
-        and is never retried here, since every retry would count toward the
-        dictionary-attack lockout.
+        stays loaded for the next signature (see tpmsigner.loadedkeys), and
+        its PIN is cleared from the ESAPI object afterwards.  A wrong PIN
+        raises TpmAuthError and is never retried here, since every retry
+        would count toward the dictionary-attack lockout.
         """
         if len(pin) > MAX_PIN_BYTES:
             # No key can have this PIN, so the TPM is not asked and no try is counted.
@@ -714,32 +789,73 @@ class Tpm:
             try:
                 self._current_context()
                 hash_alg = self._check_hash(hash_name)
-                self._refuse_during_lockout("signing")
+                if self.recent_lockout_status() is None:
+                    self._refuse_during_lockout("signing")
             except TSS2_Exception as exc:
                 raise self._translate(exc, "signing") from None
-            key_handle, session = self._load(blob)
+            key_handle, session = self._loaded_key(blob)
 
             esapi = self._context()
             try:
                 esapi.tr_set_auth(key_handle, pin)
                 self._set_session_attributes(session, encrypt_response=False)
-                if scheme_alg == TPM2_ALG.ECDSA:
-                    details = TPMU_SIG_SCHEME(ecdsa=TPMS_SCHEME_HASH(hashAlg=hash_alg))
-                else:
-                    details = TPMU_SIG_SCHEME(rsassa=TPMS_SCHEME_HASH(hashAlg=hash_alg))
-                scheme = TPMT_SIG_SCHEME(scheme=scheme_alg, details=details)
-                ticket = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
+                scheme, ticket = _sign_parameters(scheme_alg, hash_alg)
                 signature = esapi.sign(key_handle, TPM2B_DIGEST(digest), scheme, ticket, session1=session)
             except TSS2_Exception as exc:
                 raise self._translate(exc, "signing") from None
             finally:
-                self._flush_quietly(key_handle)
+                self._forget_pin(key_handle)
 
-        if scheme_alg == TPM2_ALG.RSASSA:
-            return bytes(signature.signature.rsassa.sig.buffer)
-        r = int.from_bytes(bytes(signature.signature.ecdsa.signatureR.buffer), "big")
-        s = int.from_bytes(bytes(signature.signature.ecdsa.signatureS.buffer), "big")
-        return r, s
+        return _raw_signature(bytes(signature.marshal()), scheme_alg)
+
+    def recent_lockout_status(self, max_age: float = LOCKOUT_STATUS_REUSE_SECONDS) -> LockoutStatus | None:
+        """Return the last lockout status read, if it is still good, else None.
+
+        It is good if it showed no lockout, is younger than ``max_age``
+        seconds, and no TPM error came since.  Nothing is sent to the TPM and
+        no lock is taken, so an event loop may call it while the TPM is busy.
+        """
+        recent = self._clear_status
+        if recent is None or time.monotonic() - recent[0] >= max_age:
+            return None
+        return recent[1]
+
+    def _loaded_key(self, blob: TpmKeyBlob) -> tuple[ESYS_TR, ESYS_TR]:
+        """Return (key handle, session) for ``blob``, loading it only if it is not loaded yet."""
+        key_handle = self._loaded.get(blob.parent, blob.public, blob.private)
+        if key_handle is not None and self._esapi is not None:
+            # The attributes were checked when this exact blob was loaded.
+            try:
+                return key_handle, self._hmac_session(blob.parent)
+            except TSS2_Exception as exc:
+                raise self._translate(exc, "starting a session") from None
+        key_handle, session = self._load(blob)
+        for evicted in self._loaded.put(blob.parent, blob.public, blob.private, key_handle):
+            self._flush_quietly(evicted)
+        return key_handle, session
+
+    def flush_loaded_keys(self) -> int:
+        """Flush the signing keys kept loaded between signatures; return how many there were.
+
+        The next signature loads its key again.  The signer calls this when
+        the TPM has been idle for a while (tpmsigner.signer.worker).
+        """
+        with self._lock:
+            handles = self._loaded.clear()
+            for handle in handles:
+                self._flush_quietly(handle)
+            return len(handles)
+
+    def _forget_pin(self, key_handle: ESYS_TR) -> None:
+        """Clear the PIN from a loaded key's ESAPI object, so it stays in memory no longer than one command."""
+        if self._esapi is None:
+            return
+        try:
+            self._esapi.tr_set_auth(key_handle, b"")
+        except TSS2_Exception as exc:
+            # Not a TPM command; it fails only for a handle already freed
+            # by a reset, which freed the PIN with it.
+            logger.debug("clearing a key's PIN failed: %s", exc)
 
     def _refuse_during_lockout(self, what: str) -> None:
         # A PIN sent during lockout is rejected without being checked, so it
@@ -808,6 +924,10 @@ class Tpm:
         check_pin_length(new_pin)
         public_key_of(blob)
         with self._lock:
+            # A loaded copy of the key would go on taking the old PIN, and
+            # without a resource manager its object slot is needed here.
+            for loaded in self._loaded.discard_public(blob.public):
+                self._flush_quietly(loaded)
             try:
                 self._current_context()
                 self._refuse_during_lockout("changing the PIN")

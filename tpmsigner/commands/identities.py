@@ -8,7 +8,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import asyncssh
 
 from ..errors import ConfigError, IdentityExistsError, KeyFileError
 from ..identities import create_identity
@@ -172,6 +171,9 @@ def command_import(args: argparse.Namespace) -> int:
 
 
 def command_restrict(args: argparse.Namespace) -> int:
+    # Imported here: importing asyncssh takes longer than most commands run.
+    import asyncssh
+
     fingerprints = []
     for path in args.host_key:
         try:

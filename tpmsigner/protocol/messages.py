@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from asyncssh.packet import Byte, PacketDecodeError, SSHPacket, String, UInt32
+from .sshwire import Byte, PacketDecodeError, SshReader, String, UInt32
 
 from ..errors import ProtocolError
 from .sessionbind import BindingEvidence, decode_evidence, encode_evidence
@@ -142,7 +142,7 @@ def encode_message(message: Message) -> bytes:
 def decode_message(payload: bytes) -> Message:
     """Parse one message; raise ProtocolError for anything malformed."""
     try:
-        packet = SSHPacket(payload)
+        packet = SshReader(payload)
         message_type = packet.get_byte()
         request_id = packet.get_uint32()
         message = _decode_body(message_type, request_id, packet)
@@ -159,7 +159,7 @@ def request_id_of(payload: bytes) -> int | None:
     return int.from_bytes(payload[1:5], "big")
 
 
-def _decode_body(message_type: int, request_id: int, packet: SSHPacket) -> Message:
+def _decode_body(message_type: int, request_id: int, packet: SshReader) -> Message:
     if message_type == MSG_LIST_REQUEST:
         return ListRequest(request_id)
 

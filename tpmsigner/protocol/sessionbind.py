@@ -21,9 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import asyncssh
-from asyncssh.public_key import decode_ssh_public_key
-from asyncssh.packet import Boolean, PacketDecodeError, SSHPacket, String
+from .sshwire import Boolean, PacketDecodeError, SshReader, String
 
 from ..errors import ProtocolError
 from .sshkeys import fingerprint_of_blob
@@ -59,7 +57,7 @@ class SessionBind:
 def decode_session_bind(contents: bytes) -> SessionBind:
     """Parse the extension contents after the name; raise ProtocolError if malformed."""
     try:
-        packet = SSHPacket(contents)
+        packet = SshReader(contents)
         bind = SessionBind(packet.get_string(), packet.get_string(), packet.get_string(), packet.get_boolean())
         packet.check_end()
     except PacketDecodeError as exc:
@@ -74,15 +72,22 @@ def encode_session_bind(bind: SessionBind) -> bytes:
 def verify_session_bind(bind: SessionBind) -> bool:
     """Return True if the host key signed the session identifier."""
     try:
-        algorithm = SSHPacket(bind.signature).get_string()
+        algorithm = SshReader(bind.signature).get_string()
     except PacketDecodeError:
         return False
     if algorithm not in ALLOWED_HOST_KEY_SIGNATURES:
         return False
+    # asyncssh knows every host key type OpenSSH signs with; it is imported
+    # here, not at start, because importing it takes longer than the agent
+    # may take to start (the agent imports it in the background once it
+    # listens: tpmsigner_agent.cli).
+    import asyncssh
+    from asyncssh.public_key import decode_ssh_public_key
+
     try:
         host_key = decode_ssh_public_key(bind.host_key)
         return bool(host_key.verify(bind.session_id, bind.signature))
-    except (asyncssh.KeyImportError, ValueError, PacketDecodeError):
+    except (asyncssh.KeyImportError, ValueError):
         return False
 
 
@@ -119,7 +124,7 @@ def decode_evidence(blob: bytes) -> BindingEvidence | None:
     if not blob:
         return None
     try:
-        packet = SSHPacket(blob)
+        packet = SshReader(blob)
         bind = SessionBind(packet.get_string(), packet.get_string(), packet.get_string(), packet.get_boolean())
         evidence = BindingEvidence(
             bind=bind,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from asyncssh.packet import PacketDecodeError, SSHPacket
+from .sshwire import PacketDecodeError, SshReader
 
 from .sshkeys import certified_key_blob
 
@@ -84,7 +84,7 @@ def _parse_userauth_request(data: bytes, key_blob: bytes) -> SignedDataInfo | No
     #   boolean TRUE, string algorithm name, string public key blob
     # and the hostbound form appends: string server host key.
     try:
-        packet = SSHPacket(data)
+        packet = SshReader(data)
         session_id = packet.get_string()
         if packet.get_byte() != SSH_MSG_USERAUTH_REQUEST:
             return None
@@ -126,7 +126,7 @@ def _parse_sshsig(data: bytes) -> SignedDataInfo | None:
     if not data.startswith(SSHSIG_MAGIC):
         return None
     try:
-        packet = SSHPacket(data[len(SSHSIG_MAGIC) :])
+        packet = SshReader(data[len(SSHSIG_MAGIC) :])
         namespace = packet.get_string().decode("utf-8")
         packet.get_string()                 # reserved
         hash_algorithm = packet.get_string().decode("ascii")

@@ -11,7 +11,7 @@ import base64
 import hashlib
 from dataclasses import dataclass
 
-from asyncssh.packet import MPInt, PacketDecodeError, SSHPacket, String
+from .sshwire import MPInt, PacketDecodeError, SshReader, String
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -105,7 +105,7 @@ class EcdsaPublicKey(_PublicKeyText):
     def from_blob(cls, blob: bytes) -> "EcdsaPublicKey":
         """Parse an SSH ECDSA key blob; raise ProtocolError on anything else."""
         try:
-            packet = SSHPacket(blob)
+            packet = SshReader(blob)
             key_type = packet.get_string().decode("ascii")
             curve = CURVES_BY_KEY_TYPE.get(key_type)
             if curve is None:
@@ -154,7 +154,7 @@ class RsaPublicKey(_PublicKeyText):
     @classmethod
     def from_blob(cls, blob: bytes) -> "RsaPublicKey":
         try:
-            packet = SSHPacket(blob)
+            packet = SshReader(blob)
             key_type = packet.get_string().decode("ascii")
             if key_type != RSA_KEY_TYPE:
                 raise ProtocolError(f"unsupported SSH key type {key_type!r}")
@@ -191,7 +191,7 @@ CERTIFICATE_KEY_TYPES = {
 def public_key_from_blob(blob: bytes) -> SshPublicKey:
     """Parse an ECDSA or RSA SSH key blob; raise ProtocolError for anything else."""
     try:
-        key_type = SSHPacket(blob).get_string()
+        key_type = SshReader(blob).get_string()
     except PacketDecodeError as exc:
         raise ProtocolError(f"malformed SSH public key blob: {exc}") from None
     if key_type == RSA_KEY_TYPE.encode():
@@ -285,9 +285,9 @@ def verify_signature(key: SshPublicKey, data: bytes, signature_blob: bytes) -> b
 def verify_ecdsa_signature(key: EcdsaPublicKey, data: bytes, signature_blob: bytes) -> bool:
     """Check an SSH ECDSA signature blob over ``data`` against ``key``."""
     try:
-        packet = SSHPacket(signature_blob)
+        packet = SshReader(signature_blob)
         key_type = packet.get_string().decode("ascii")
-        inner = SSHPacket(packet.get_string())
+        inner = SshReader(packet.get_string())
         packet.check_end()
         r = inner.get_mpint()
         s = inner.get_mpint()
@@ -309,7 +309,7 @@ def verify_ecdsa_signature(key: EcdsaPublicKey, data: bytes, signature_blob: byt
 def verify_rsa_signature(key: RsaPublicKey, data: bytes, signature_blob: bytes) -> bool:
     """Check an SSH RSA signature blob (any of the three algorithms) over ``data``."""
     try:
-        packet = SSHPacket(signature_blob)
+        packet = SshReader(signature_blob)
         algorithm = packet.get_string().decode("ascii")
         signature = packet.get_string()
         packet.check_end()

@@ -50,6 +50,7 @@ from ..tpm import LockoutStatus, Tpm
 from .approvers import DEFAULT_APPROVAL_TIMEOUT, ApprovalRequest, Approver
 from .certificate_use import certificate_in_use
 from .devices import Device, DeviceRegistry
+from .lastuse import LastUseRecorder
 from .notify import DesktopNotifier
 from .refusals import RefusalPolicy, RefusalTracker
 from .worker import TpmWorker
@@ -110,6 +111,7 @@ class SignerServer:
         self._devices_file_state: tuple[int, int, int] | None = None
         self._last_seen_written: dict[bytes, float] = {}
         self.refusals = RefusalTracker(config.refusals)
+        self.last_use = LastUseRecorder(store)
 
     def next_serial(self) -> int:
         return next(self._serials)
@@ -600,7 +602,7 @@ class _AgentSession:
 
         logger.info("request #%d: signed with %r", serial, identity.label)
         try:
-            self.server.store.record_use(identity)
+            self.server.last_use.record(identity)
         except (KeyStoreError, OSError) as exc:
             logger.warning("request #%d: could not record the last use of %r: %s", serial, identity.label, exc)
         return SignReply(request_id, signature)

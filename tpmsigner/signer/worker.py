@@ -32,6 +32,10 @@ T = TypeVar("T")
 TPM_CALL_TIMEOUT = 30.0
 # How long close() waits for the call in progress before leaving it behind.
 CLOSE_TIMEOUT = 5.0
+# Signing keys stay loaded between signatures (tpmsigner.loadedkeys).  After
+# this many seconds without a TPM call they are flushed, so that on a TPM
+# without a resource manager another program gets the object slot back.
+LOADED_KEY_IDLE_SECONDS = 10.0
 
 _Job = tuple[concurrent.futures.Future, Callable[[], object]]
 
@@ -39,9 +43,13 @@ _Job = tuple[concurrent.futures.Future, Callable[[], object]]
 class TpmWorker:
     """Serialises every call to one Tpm on a single worker thread."""
 
-    def __init__(self, tpm: Tpm, timeout: float = TPM_CALL_TIMEOUT) -> None:
+    def __init__(
+        self, tpm: Tpm, timeout: float = TPM_CALL_TIMEOUT, key_idle: float = LOADED_KEY_IDLE_SECONDS
+    ) -> None:
         self.tpm = tpm
         self.timeout = timeout
+        self.key_idle = key_idle
+        self._idle_timer: asyncio.TimerHandle | None = None
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         # monotonic() when the running call started, None while idle.
         self._call_started: float | None = None
@@ -75,12 +83,28 @@ class TpmWorker:
 
     async def call(self, function: Callable[..., T], *args: object) -> T:
         """Run ``function(*args)`` on the TPM thread and wait at most ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         future = self.submit(function, *args)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout)
         except asyncio.TimeoutError:
             future.cancel()
             raise self._timeout_error() from None
+        finally:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            self._idle_timer = loop.call_later(self.key_idle, self._flush_idle_keys)
+
+    def _flush_idle_keys(self) -> None:
+        self._idle_timer = None
+        try:
+            # On the TPM thread, after any call already queued there.
+            self.submit(self.tpm.flush_loaded_keys)
+        except TpmUnavailableError:
+            pass    # a call is stuck in the TPM; the next call that succeeds re-arms the timer
 
     def call_blocking(self, function: Callable[..., T], *args: object) -> T:
         """Run ``function(*args)`` on the TPM thread from a thread with no event loop."""
@@ -128,6 +152,8 @@ class TpmWorker:
 
     def close(self) -> None:
         """Stop the thread and close the TPM context, unless a call is still stuck in the TPM."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         # Calls still queued are cancelled; the running one may finish first.
         while True:
             try:
