@@ -220,7 +220,7 @@ def certified_key_blob(blob: bytes) -> bytes | None:
     after the key fields is checked here.
     """
     try:
-        packet = SSHPacket(blob)
+        packet = SshReader(blob)
         certificate_type = packet.get_string().decode("ascii")
         certified = CERTIFICATE_KEY_TYPES.get(certificate_type)
         if certified is None:
