@@ -16,6 +16,7 @@ from tpmsigner.protocol.channel import StaticKey
 from tpmsigner.protocol.sessionbind import SESSION_BIND_EXTENSION, decode_session_bind, verify_session_bind
 from tpmsigner.protocol.signeddata import PURPOSE_SSH_LOGIN, describe_signed_data
 from tpmsigner.protocol.sshkeys import fingerprint_of_blob
+from tpmsigner.ratelimit import RateLimitedLogger
 
 from . import wire
 from .audit import AuditEntry
@@ -30,6 +31,10 @@ logger = logging.getLogger(__name__)
 # idle connection between messages may stay open as long as the client
 # likes, as with OpenSSH's ssh-agent.
 MESSAGE_BODY_TIMEOUT = 10.0
+# Client connections open at once.  ssh, ssh-add and git each hold one
+# while they run, so even a busy desktop has a few dozen.  Far more means a
+# client that leaks connections, and each costs a file descriptor and a task.
+MAX_CLIENT_CONNECTIONS = 128
 
 
 class AgentServer:
@@ -42,6 +47,8 @@ class AgentServer:
         self._key_owner: dict[bytes, SignerClient] = {}
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._connection_limit_log = RateLimitedLogger(logger)
+        self._listing_limit_log = RateLimitedLogger(logger)
 
     async def start(self, sock: socket.socket) -> None:
         """Serve on an already bound and listening UNIX socket."""
@@ -58,12 +65,21 @@ class AgentServer:
             await client.close()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        credentials = peer_credentials(sock) if sock is not None else None
+        if len(self._connections) >= MAX_CLIENT_CONNECTIONS:
+            self._connection_limit_log.warning(
+                "%d client connections are open, the maximum; closing the new one from pid %s",
+                len(self._connections),
+                credentials.pid if credentials is not None else "unknown",
+            )
+            writer.close()
+            return
+
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
         try:
-            sock = writer.get_extra_info("socket")
-            credentials = peer_credentials(sock) if sock is not None else None
             if credentials is not None and credentials.uid not in (0, os.getuid()):
                 # As OpenSSH's ssh-agent does: only the owner (or root) may use it.
                 logger.warning("refused agent connection from uid %d (pid %d)", credentials.uid, credentials.pid)
@@ -172,25 +188,46 @@ class AgentServer:
     async def _list_identities(self) -> bytes:
         results = await asyncio.gather(*(client.list_identities() for client in self.clients), return_exceptions=True)
         identities: list[tuple[bytes, str]] = []
-        seen: set[bytes] = set()
-        failures = 0
+        owners: dict[bytes, SignerClient] = {}
+        failed: list[SignerClient] = []
         for client, result in zip(self.clients, results):
             if isinstance(result, BaseException):
-                failures += 1
+                failed.append(client)
                 logger.warning("listing keys of signer %r failed: %s", client.signer.name, result)
                 continue
             for blob, label in result:
                 # A key offered by two pinned signers (or one signer pinned
                 # twice) is listed once, so ssh tries it, and prompts, once.
-                if blob in seen:
+                if blob in owners:
                     continue
-                seen.add(blob)
-                self._key_owner[blob] = client
+                owners[blob] = client
                 identities.append((blob, label))
 
-        if self.clients and failures == len(self.clients):
+        # The owners are rebuilt on every listing, so keys removed from a
+        # signer do not pile up.  A signer that did not reply keeps the keys
+        # it listed before, for when it is back.
+        for blob, owner in self._key_owner.items():
+            if owner in failed and blob not in owners:
+                owners[blob] = owner
+        self._key_owner = owners
+
+        if self.clients and len(failed) == len(self.clients):
             return wire.FAILURE
-        return wire.encode_identities_answer(identities)
+        answer = wire.encode_identities_answer(identities)
+        if len(identities) > wire.MAX_IDENTITIES or len(answer) > wire.MAX_MESSAGE_LENGTH:
+            # OpenSSH's ssh and ssh-add reject such a reply as malformed, so
+            # a clear failure here is more useful than a truncated list.
+            self._listing_limit_log.error(
+                "the signers list %d identities in %d bytes, over the %d identities or %d bytes that ssh-agent "
+                "clients accept; replying SSH_AGENT_FAILURE. Disable identities on the signers with "
+                "'tpmsigner disable LABEL', or pin fewer signers",
+                len(identities),
+                len(answer),
+                wire.MAX_IDENTITIES,
+                wire.MAX_MESSAGE_LENGTH,
+            )
+            return wire.FAILURE
+        return answer
 
     async def _owner_of(self, key_blob: bytes) -> SignerClient | None:
         if key_blob not in self._key_owner:
