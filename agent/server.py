@@ -9,6 +9,7 @@ import os
 import socket
 import struct
 import time
+from collections import OrderedDict
 
 from tpmsigner.audit import AuditLog, outcome_for_failure
 from tpmsigner.errors import ProtocolError, SignerError, TpmSignerError
@@ -35,6 +36,11 @@ MESSAGE_BODY_TIMEOUT = 10.0
 # while they run, so even a busy desktop has a few dozen.  Far more means a
 # client that leaks connections, and each costs a file descriptor and a task.
 MAX_CLIENT_CONNECTIONS = 128
+# Keys whose signer the agent remembers.  A key that its signer no longer
+# lists (disabled, deleted, or the signer is down) stays, so a request for
+# it still goes to that signer, which rejects it and records the attempt.
+# Beyond this, the keys listed least recently are forgotten.
+MAX_REMEMBERED_KEYS = 4 * wire.MAX_IDENTITIES
 
 
 class AgentServer:
@@ -44,7 +50,8 @@ class AgentServer:
         self.clients = [SignerClient(signer, static_key) for signer in signers]
         self.audit_log = audit_log
         self._audit_ids = itertools.count(1)
-        self._key_owner: dict[bytes, SignerClient] = {}
+        # The signer that last listed each key, least recently listed first.
+        self._key_owner: OrderedDict[bytes, SignerClient] = OrderedDict()
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self._connection_limit_log = RateLimitedLogger(logger)
@@ -203,13 +210,11 @@ class AgentServer:
                 owners[blob] = client
                 identities.append((blob, label))
 
-        # The owners are rebuilt on every listing, so keys removed from a
-        # signer do not pile up.  A signer that did not reply keeps the keys
-        # it listed before, for when it is back.
-        for blob, owner in self._key_owner.items():
-            if owner in failed and blob not in owners:
-                owners[blob] = owner
-        self._key_owner = owners
+        for blob, owner in owners.items():
+            self._key_owner[blob] = owner
+            self._key_owner.move_to_end(blob)
+        while len(self._key_owner) > max(MAX_REMEMBERED_KEYS, len(owners)):
+            self._key_owner.popitem(last=False)
 
         if self.clients and len(failed) == len(self.clients):
             return wire.FAILURE

@@ -27,6 +27,7 @@ from tests.support.agent_client import (
 )
 from tests.support.chain import Chain
 from tests.support.processes import wait_until
+from tpmsigner.commands.signer import NOISE_KEY_FILE
 from tpmsigner.errors import ChannelError
 from tpmsigner.protocol import channel
 from tpmsigner.protocol.messages import (
@@ -59,7 +60,8 @@ def start(chain: Chain, **signer_options) -> str:
 
 
 def signer_public_key(chain: Chain) -> bytes:
-    return channel.parse_public_key(chain.tpmsigner("id").stdout)
+    """Return the Noise public key of the chain's signer, from the key file 'tpmsigner id' reads."""
+    return channel.StaticKey.load_or_create(chain.signer_home / NOISE_KEY_FILE).public
 
 
 def agent_device_key(chain: Chain) -> channel.StaticKey:
@@ -67,7 +69,9 @@ def agent_device_key(chain: Chain) -> channel.StaticKey:
     return AgentHome(chain.agent_home).static_key()
 
 
-async def open_device_channel(chain: Chain, device_key: channel.StaticKey, source: str = LOCALHOST) -> channel.NoiseChannel:
+async def open_device_channel(
+    chain: Chain, device_key: channel.StaticKey, source: str = LOCALHOST
+) -> channel.NoiseChannel:
     """Connect to the chain's signer from ``source`` and finish the Noise handshake as ``device_key``."""
     reader, writer = await asyncio.open_connection(LOCALHOST, chain.signer_port, local_addr=(source, 0))
     return await channel.initiate(reader, writer, device_key, signer_public_key(chain))
