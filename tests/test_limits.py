@@ -28,7 +28,7 @@ from tests.support.agent_client import (
 from tests.support.chain import Chain
 from tests.support.processes import wait_until
 from tpmsigner.commands.signer import NOISE_KEY_FILE
-from tpmsigner.errors import ChannelError
+from tpmsigner.errors import ChannelError, SignerError
 from tpmsigner.protocol import channel
 from tpmsigner.protocol.messages import (
     CONNECTION_REQUEST_ID,
@@ -36,6 +36,7 @@ from tpmsigner.protocol.messages import (
     FailureCode,
     ListReply,
     ListRequest,
+    ProcessInfo,
     SignReply,
     SignRequest,
     decode_message,
@@ -45,7 +46,7 @@ from tpmsigner.signer import admission, server as signer_server
 from tpmsigner.tpm import Tpm
 from tpmsigner_agent import server as agent_server
 from tpmsigner_agent import signer_client, wire
-from tpmsigner_agent.config import AgentHome
+from tpmsigner_agent.config import AgentHome, PinnedSigner
 
 PIN = "4711-limits"
 REPLY_TIMEOUT = 30.0
@@ -354,6 +355,29 @@ def test_signer_closes_channel_on_oversized_message(chain: Chain) -> None:
     assert isinstance(reply, ListReply)
     assert chain.signer is not None
     assert f"a message exceeds the maximum of {channel.MAX_PAYLOAD} bytes; closing the channel" in chain.signer.log_text()
+
+
+def test_agent_rejects_request_over_signer_maximum(chain: Chain) -> None:
+    public_line = chain.keygen("work", PIN)
+    chain.pair()
+    chain.start_signer()
+    # A sign request within the agent message limit always fits in a signer
+    # message, so the agent's own signer client is driven directly here.
+    pinned = PinnedSigner("test-signer", LOCALHOST, chain.signer_port, signer_public_key(chain))
+    client = signer_client.SignerClient(pinned, agent_device_key(chain))
+
+    async def run() -> list[tuple[bytes, str]]:
+        try:
+            with pytest.raises(SignerError, match=f"over the signer protocol's limit of {channel.MAX_PAYLOAD} bytes"):
+                await client.sign(key_blob_of(public_line), bytes(channel.MAX_PAYLOAD), 0, ProcessInfo())
+            return await client.list_identities()
+        finally:
+            await client.close()
+
+    listed = asyncio.run(run())
+
+    assert [label for _, label in listed] == ["work"]
+    assert chain.approver_requests() == []
 
 
 # ---- connections to the signer ---------------------------------------------
