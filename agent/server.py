@@ -25,6 +25,7 @@ from .config import PinnedSigner
 from .destination import BindingRejected, ConnectionBindings, evidence_for
 from .peer import PeerCredentials, peer_credentials, process_arguments, process_info
 from .signer_client import SignerClient, SignerUnavailableError
+from .socket_path import LISTEN_BACKLOG
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,9 @@ class AgentServer:
 
     async def start(self, sock: socket.socket) -> None:
         """Serve on an already bound and listening UNIX socket."""
-        self._server = await asyncio.start_unix_server(self._accept, sock=sock)
+        # asyncio calls listen() again, with a default backlog of 100 when
+        # none is passed.
+        self._server = await asyncio.start_unix_server(self._accept, sock=sock, backlog=LISTEN_BACKLOG)
 
     async def close(self) -> None:
         if self._server is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ SSH_AGENTC_SIGN_REQUEST = 13
 SSH_AGENT_SIGN_RESPONSE = 14
 
 REPLY_TIMEOUT = 60.0
+CONNECT_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,18 @@ class AsyncAgentConnection:
 
     @classmethod
     async def open(cls, path: Path | str) -> "AsyncAgentConnection":
-        reader, writer = await asyncio.open_unix_connection(str(path))
+        # A blocking connect waits while the listen queue is full, as ssh's
+        # does.  asyncio's own connect takes EAGAIN from a UNIX socket for a
+        # connection in progress (CPython 3.11) and returns a socket that is
+        # not connected.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(CONNECT_TIMEOUT)
+            sock.connect(str(path))
+        except OSError:
+            sock.close()
+            raise
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
         return cls(reader, writer)
 
     async def request(self, message: bytes, timeout: float = REPLY_TIMEOUT) -> AgentReply:
