@@ -9,6 +9,7 @@ import os
 import socket
 import struct
 import time
+from collections import OrderedDict
 
 from tpmsigner.audit import AuditLog, outcome_for_failure
 from tpmsigner.errors import ProtocolError, SignerError, TpmSignerError
@@ -24,6 +25,7 @@ from .config import PinnedSigner
 from .destination import BindingRejected, ConnectionBindings, evidence_for
 from .peer import PeerCredentials, peer_credentials, process_arguments, process_info
 from .signer_client import SignerClient, SignerUnavailableError
+from .socket_path import LISTEN_BACKLOG
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,15 @@ logger = logging.getLogger(__name__)
 # idle connection between messages may stay open as long as the client
 # likes, as with OpenSSH's ssh-agent.
 MESSAGE_BODY_TIMEOUT = 10.0
+# Client connections open at once.  ssh, ssh-add and git each hold one
+# while they run, so even a busy desktop has a few dozen.  Far more means a
+# client that leaks connections, and each costs a file descriptor and a task.
+MAX_CLIENT_CONNECTIONS = 128
+# Keys whose signer the agent remembers.  A key that its signer no longer
+# lists (disabled, deleted, or the signer is down) stays, so a request for
+# it still goes to that signer, which rejects it and records the attempt.
+# Beyond this, the keys listed least recently are forgotten.
+MAX_REMEMBERED_KEYS = 4 * wire.MAX_IDENTITIES
 
 
 class AgentServer:
@@ -40,15 +51,20 @@ class AgentServer:
         self.clients = [SignerClient(signer, static_key) for signer in signers]
         self.audit_log = audit_log
         self._audit_ids = itertools.count(1)
-        self._key_owner: dict[bytes, SignerClient] = {}
+        # The signer that last listed each key, least recently listed first.
+        self._key_owner: OrderedDict[bytes, SignerClient] = OrderedDict()
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
         # Another local user can connect as often as they like.
         self._refusal_log = RateLimitedLogger(logger)
+        self._connection_limit_log = RateLimitedLogger(logger)
+        self._listing_limit_log = RateLimitedLogger(logger)
 
     async def start(self, sock: socket.socket) -> None:
         """Serve on an already bound and listening UNIX socket."""
-        self._server = await asyncio.start_unix_server(self._accept, sock=sock)
+        # asyncio calls listen() again, with a default backlog of 100 when
+        # none is passed.
+        self._server = await asyncio.start_unix_server(self._accept, sock=sock, backlog=LISTEN_BACKLOG)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -61,12 +77,21 @@ class AgentServer:
             await client.close()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        credentials = peer_credentials(sock) if sock is not None else None
+        if len(self._connections) >= MAX_CLIENT_CONNECTIONS:
+            self._connection_limit_log.warning(
+                "%d client connections are open, the maximum; closing the new one from pid %s",
+                len(self._connections),
+                credentials.pid if credentials is not None else "unknown",
+            )
+            writer.close()
+            return
+
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
         try:
-            sock = writer.get_extra_info("socket")
-            credentials = peer_credentials(sock) if sock is not None else None
             if not self._peer_allowed(credentials):
                 return
             await self._serve(reader, writer, credentials)
@@ -195,25 +220,44 @@ class AgentServer:
     async def _list_identities(self) -> bytes:
         results = await asyncio.gather(*(client.list_identities() for client in self.clients), return_exceptions=True)
         identities: list[tuple[bytes, str]] = []
-        seen: set[bytes] = set()
-        failures = 0
+        owners: dict[bytes, SignerClient] = {}
+        failed: list[SignerClient] = []
         for client, result in zip(self.clients, results):
             if isinstance(result, BaseException):
-                failures += 1
+                failed.append(client)
                 logger.warning("listing keys of signer %r failed: %s", client.signer.name, result)
                 continue
             for blob, label in result:
                 # A key offered by two pinned signers (or one signer pinned
                 # twice) is listed once, so ssh tries it, and prompts, once.
-                if blob in seen:
+                if blob in owners:
                     continue
-                seen.add(blob)
-                self._key_owner[blob] = client
+                owners[blob] = client
                 identities.append((blob, label))
 
-        if self.clients and failures == len(self.clients):
+        for blob, owner in owners.items():
+            self._key_owner[blob] = owner
+            self._key_owner.move_to_end(blob)
+        while len(self._key_owner) > max(MAX_REMEMBERED_KEYS, len(owners)):
+            self._key_owner.popitem(last=False)
+
+        if self.clients and len(failed) == len(self.clients):
             return wire.FAILURE
-        return wire.encode_identities_answer(identities)
+        answer = wire.encode_identities_answer(identities)
+        if len(identities) > wire.MAX_IDENTITIES or len(answer) > wire.MAX_MESSAGE_LENGTH:
+            # OpenSSH's ssh and ssh-add reject such a reply as malformed, so
+            # a clear failure here is more useful than a truncated list.
+            self._listing_limit_log.error(
+                "the signers list %d identities in %d bytes, over the %d identities or %d bytes that ssh-agent "
+                "clients accept; replying SSH_AGENT_FAILURE. Disable identities on the signers with "
+                "'tpmsigner disable LABEL', or pin fewer signers",
+                len(identities),
+                len(answer),
+                wire.MAX_IDENTITIES,
+                wire.MAX_MESSAGE_LENGTH,
+            )
+            return wire.FAILURE
+        return answer
 
     async def _owner_of(self, key_blob: bytes) -> SignerClient | None:
         if key_blob not in self._key_owner:

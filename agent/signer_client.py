@@ -17,6 +17,7 @@ from tpmsigner.errors import ChannelError, ProtocolError, SignerError
 from tpmsigner.protocol import channel
 from tpmsigner.protocol.sessionbind import BindingEvidence
 from tpmsigner.protocol.messages import (
+    CONNECTION_REQUEST_ID,
     Failure,
     ListReply,
     ListRequest,
@@ -39,10 +40,9 @@ LIST_TIMEOUT = 10.0
 # Longer than the signer's default approval timeout of 60 s, so the signer's
 # own TIMED_OUT reply normally arrives first.
 SIGN_TIMEOUT = 120.0
-# Sign requests sent to one signer and not yet answered.  The signer serves
-# at most this many per connection and answers BUSY to the next
-# (MAX_PENDING_PER_CONNECTION in tpmsigner/signer/server.py), so further
-# requests wait here for their turn instead of failing.
+# Sign requests sent to one signer that wait for a reply.  It equals the
+# signer's MAX_PENDING_PER_CONNECTION, so further requests wait here, within
+# SIGN_TIMEOUT, instead of being rejected as busy by the signer.
 MAX_SIGNS_IN_FLIGHT = 16
 
 
@@ -59,7 +59,7 @@ class SignerClient:
         self._connecting: asyncio.Future[channel.NoiseChannel] | None = None
         self._waiting: dict[int, asyncio.Future[Message]] = {}
         self._request_ids = itertools.count(1)
-        self._sign_turns = asyncio.Semaphore(MAX_SIGNS_IN_FLIGHT)
+        self._sign_slots = asyncio.Semaphore(MAX_SIGNS_IN_FLIGHT)
 
     async def list_identities(self) -> list[tuple[bytes, str]]:
         reply = await self._request(lambda request_id: ListRequest(request_id), LIST_TIMEOUT)
@@ -73,7 +73,7 @@ class SignerClient:
         reply = await self._request(
             lambda request_id: SignRequest(request_id, key_blob, data, flags, process, evidence),
             SIGN_TIMEOUT,
-            self._sign_turns,
+            self._sign_slots,
         )
         if isinstance(reply, SignReply):
             return reply.signature
@@ -93,26 +93,38 @@ class SignerClient:
             return SignerError(reply.message, code=reply.code)
         return SignerError(f"unexpected reply {type(reply).__name__} from signer {self.signer.name!r}")
 
-    async def _request(self, build, timeout: float, turns: asyncio.Semaphore | None = None) -> Message:
+    async def _request(self, build, timeout: float, slots: asyncio.Semaphore | None = None) -> Message:
         """Send one request and wait for its reply, all within ``timeout`` seconds.
 
-        Waiting for a turn among ``turns``, connecting, sending (which
-        blocks while the signer does not read) and waiting for the reply all
-        count toward the same timeout.
+        Waiting for one of ``slots``, connecting, sending (which blocks
+        while the signer does not read) and waiting for the reply all count
+        toward the same timeout.
         """
+
+        async def exchange() -> Message:
+            if slots is None:
+                return await self._exchange(build)
+            async with slots:
+                return await self._exchange(build)
+
         try:
-            return await asyncio.wait_for(self._exchange_in_turn(build, turns), timeout)
+            return await asyncio.wait_for(exchange(), timeout)
         except asyncio.TimeoutError:
             raise SignerUnavailableError(f"signer {self.signer.name!r} did not reply within {timeout:g} s") from None
 
-    async def _exchange_in_turn(self, build, turns: asyncio.Semaphore | None) -> Message:
-        if turns is None:
-            return await self._exchange(build)
-        async with turns:
-            return await self._exchange(build)
+    def _next_request_id(self) -> int:
+        """Return a 32-bit request id that no request in flight uses.
+
+        The counter wraps after 2**32 requests.  CONNECTION_REQUEST_ID is
+        reserved for failures about the whole connection.
+        """
+        while True:
+            request_id = next(self._request_ids) & 0xFFFFFFFF
+            if request_id != CONNECTION_REQUEST_ID and request_id not in self._waiting:
+                return request_id
 
     async def _exchange(self, build) -> Message:
-        request_id = next(self._request_ids) & 0xFFFFFFFF
+        request_id = self._next_request_id()
         payload = encode_message(build(request_id))
         if len(payload) > channel.MAX_PAYLOAD:
             raise SignerError(
@@ -192,6 +204,7 @@ class SignerClient:
 
     async def _read_replies(self, secure: channel.NoiseChannel) -> None:
         received_any = False
+        rejection: str | None = None
         try:
             while True:
                 payload = await secure.receive()
@@ -201,12 +214,22 @@ class SignerClient:
                 except ProtocolError as exc:
                     logger.warning("signer %r sent a malformed reply: %s", self.signer.name, exc)
                     continue
+                if isinstance(message, Failure) and message.request_id == CONNECTION_REQUEST_ID:
+                    # The signer closes the connection right after this.
+                    rejection = message.message
+                    continue
                 future = self._waiting.get(message.request_id)
                 if future is not None and not future.done():
                     future.set_result(message)
+                else:
+                    logger.debug(
+                        "signer %r replied to request id %d, which no longer waits", self.signer.name, message.request_id
+                    )
         except ChannelError as exc:
             reason = str(exc)
-            if not received_any:
+            if rejection is not None:
+                reason = f"the signer rejected the connection: {rejection}"
+            elif not received_any:
                 # The signer closes the connection right after the handshake
                 # when it does not allow this agent's key.
                 reason += (

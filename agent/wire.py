@@ -25,7 +25,11 @@ SSH_AGENTC_EXTENSION = 27
 SSH_AGENT_EXTENSION_FAILURE = 28
 
 # OpenSSH's ssh-agent refuses messages over 256 KiB (AGENT_MAX_LEN); so do we.
+# Its clients reject longer replies too (MAX_AGENT_REPLY_LEN in authfd.c).
 MAX_MESSAGE_LENGTH = 256 * 1024
+# OpenSSH's clients reject an SSH_AGENT_IDENTITIES_ANSWER with more keys
+# (MAX_AGENT_IDENTITIES in authfd.c, OpenSSH 9.2).
+MAX_IDENTITIES = 2048
 
 
 @dataclass(frozen=True)

@@ -23,15 +23,21 @@ class RateLimitedLogger:
         self._suppressed = 0
 
     def warning(self, message: str, *args: object) -> None:
+        self.log(logging.WARNING, message, *args)
+
+    def error(self, message: str, *args: object) -> None:
+        self.log(logging.ERROR, message, *args)
+
+    def log(self, level: int, message: str, *args: object) -> None:
         now = time.monotonic()
         if now - self._window_start >= self.window:
             if self._suppressed:
-                self.logger.warning("%d similar messages suppressed in the last %g s", self._suppressed, self.window)
+                self.logger.log(level, "%d similar messages suppressed in the last %g s", self._suppressed, self.window)
             self._window_start = now
             self._count = 0
             self._suppressed = 0
         if self._count < self.limit:
             self._count += 1
-            self.logger.warning(message, *args)
+            self.logger.log(level, message, *args)
         else:
             self._suppressed += 1

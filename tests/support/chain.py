@@ -7,7 +7,11 @@ lines, exactly as a person would, against a given swtpm.  The approver is a
 - ``approver/decision``: ``approve`` (default) or ``deny``;
 - ``approver/pin``: the PIN it prints when approving;
 - ``approver/requests.jsonl``: one JSON object of TPMSIGNER_* variables per
-  request it saw, appended.
+  request it saw, appended as soon as the request arrives;
+- ``approver/hold``: while this file exists, every approver waits before it
+  decides;
+- ``approver/delay-once``: a number of seconds that one approver, the first
+  to take the file, waits before it decides.
 """
 
 from __future__ import annotations
@@ -26,17 +30,26 @@ from .ports import LOCALHOST, free_port
 from .processes import pid_is_running, wait_until
 
 SIGNER_COMMAND = [sys.executable, "-m", "tpmsigner.cli"]
+EMBEDDED_SIGNER_SCRIPT = Path(__file__).with_name("embedded_signer.py")
 AGENT_COMMAND = [sys.executable, "-m", "tpmsigner_agent.cli"]
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 
 _APPROVER_SOURCE = """\
 #!{python}
-import json, os, pathlib, sys
+import json, os, pathlib, sys, time
 directory = pathlib.Path({directory!r})
 seen = {{k: v for k, v in os.environ.items() if k.startswith("TPMSIGNER_")}}
 with open(directory / "requests.jsonl", "a") as log:
     log.write(json.dumps(seen) + "\\n")
+taken = directory / f"delay-taken-{{os.getpid()}}"
+try:
+    os.rename(directory / "delay-once", taken)
+    time.sleep(float(taken.read_text()))
+except FileNotFoundError:
+    pass
+while (directory / "hold").exists():
+    time.sleep(0.05)
 decision = (directory / "decision").read_text().strip()
 if decision != "approve":
     print("demo approver: refusing", file=sys.stderr)
@@ -116,6 +129,16 @@ class Chain:
 
     def set_approver_pin(self, pin: str) -> None:
         (self.approver_dir / "pin").write_text(pin + "\n")
+
+    def hold_approvals(self) -> None:
+        (self.approver_dir / "hold").touch()
+
+    def release_approvals(self) -> None:
+        (self.approver_dir / "hold").unlink(missing_ok=True)
+
+    def delay_next_approval(self, seconds: float) -> None:
+        """Make the next approver to start wait ``seconds`` before it decides; the others do not wait."""
+        (self.approver_dir / "delay-once").write_text(f"{seconds}\n")
 
     def approver_requests(self) -> list[dict[str, str]]:
         path = self.approver_dir / "requests.jsonl"
@@ -236,6 +259,25 @@ class Chain:
             *extra_args,
         ]
         signer = self._spawn("signer", argv, controlling_tty, ignore_hangup)
+        self.signer = signer
+        self._wait_for_log(signer, "signer listening on")
+        return signer
+
+    def start_embedded_signer(self, pin: str) -> ManagedProcess:
+        """Start the library-built signer of embedded_signer.py, which approves every request with ``pin``."""
+        pin_file = self.workdir / "embedded-signer.pin"
+        pin_file.write_text(pin + "\n")
+        argv = [
+            sys.executable,
+            str(EMBEDDED_SIGNER_SCRIPT),
+            "--home",
+            str(self.signer_home),
+            "--listen",
+            f"{LOCALHOST}:{self.signer_port}",
+            "--pin-file",
+            str(pin_file),
+        ]
+        signer = self._spawn("signer", argv)
         self.signer = signer
         self._wait_for_log(signer, "signer listening on")
         return signer

@@ -29,6 +29,10 @@ MSG_SIGN_REPLY = 4
 MSG_FAILURE = 5
 
 UNKNOWN_ID = 0xFFFFFFFF   # pid or uid that the agent could not find out
+# The request id of a FAILURE about the whole connection rather than one
+# request.  The signer sends it just before it closes a connection that it
+# will not serve, and agents never give this id to a request.
+CONNECTION_REQUEST_ID = 0xFFFFFFFF
 
 
 class FailureCode(enum.IntEnum):

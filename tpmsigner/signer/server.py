@@ -29,6 +29,7 @@ from ..errors import (
 from ..protocol import channel
 from ..ratelimit import RateLimitedLogger
 from ..protocol.messages import (
+    CONNECTION_REQUEST_ID,
     Failure,
     FailureCode,
     ListedIdentity,
@@ -47,6 +48,7 @@ from ..identities import sign_data
 from .destination import DestinationError, check_destination
 from ..store import Identity, KeyStore
 from ..tpm import LockoutStatus, Tpm
+from .admission import HandshakeAdmission
 from .approvers import DEFAULT_APPROVAL_TIMEOUT, ApprovalRequest, Approver
 from .certificate_use import certificate_in_use
 from .devices import Device, DeviceRegistry
@@ -60,6 +62,20 @@ logger = logging.getLogger(__name__)
 # Requests one agent may have in flight at once.  More than a handful means
 # a runaway or hostile client, and each sign request may hold a prompt.
 MAX_PENDING_PER_CONNECTION = 16
+# Sign requests waiting for the approver, over all connections.  Each one
+# may hold a prompt or an approver process, and a person answers them one
+# at a time, so a longer queue only means more requests that time out.
+MAX_WAITING_APPROVALS = 32
+# Authenticated connections of one device at a time.  An agent keeps one
+# connection per signer, and the rest leave room for agents that share a
+# device key.
+MAX_CONNECTIONS_PER_DEVICE = 8
+# Identities in one listing, the first ones by label.  It bounds the work
+# of a listing and keeps a LIST_REPLY under channel.MAX_PAYLOAD.  An entry
+# with an RSA-3072 key, the largest type keygen makes, takes 479 bytes: a
+# 407-byte key blob, a 64-byte label and two length fields.  Even imported
+# RSA-4096 keys, at 607 bytes an entry, fit 1,024 times in 1 MiB.
+MAX_LISTED_IDENTITIES = 1024
 # How often serve checks devices.json for revoked devices with idle
 # connections, and the least time between two last-seen writes per device.
 REVOCATION_CHECK_INTERVAL = 1.0
@@ -106,6 +122,11 @@ class SignerServer:
         # Anyone who can reach the port can fail a handshake, as often as
         # they like, so those warnings are rate-limited.
         self._handshake_log = RateLimitedLogger(logger)
+        self._admission = HandshakeAdmission()
+        self._admission_log = RateLimitedLogger(logger)
+        self._device_limit_log = RateLimitedLogger(logger)
+        self.listing_limit_log = RateLimitedLogger(logger, limit=1)
+        self.waiting_approvals = 0
         self._sessions: set[_AgentSession] = set()
         self._revocation_task: asyncio.Task[None] | None = None
         self._devices_file_state: tuple[int, int, int] | None = None
@@ -171,15 +192,18 @@ class SignerServer:
         self._connections.add(task)
         peer = writer.get_extra_info("peername")
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
         try:
-            await self._serve_connection(reader, writer, address)
+            await self._serve_connection(reader, writer, address, host)
         except asyncio.CancelledError:
             pass
         finally:
             self._connections.discard(task)
             writer.close()
 
-    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: str) -> None:
+    async def _serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: str, host: str
+    ) -> None:
         trusted: dict[bytes, Device] = {}
 
         def is_trusted(public_key: bytes) -> bool:
@@ -188,6 +212,10 @@ class SignerServer:
                 trusted[public_key] = device
             return device is not None
 
+        rejection = self._admission.admit(host)
+        if rejection is not None:
+            self._admission_log.warning("connection from %s closed before the handshake: %s", address, rejection)
+            return
         try:
             secure = await channel.respond(reader, writer, self.static_key, is_trusted)
         except PeerNotTrustedError as exc:
@@ -196,8 +224,22 @@ class SignerServer:
         except ChannelError as exc:
             self._handshake_log.warning("connection from %s failed during the handshake: %s", address, exc)
             return
+        finally:
+            self._admission.finish(host)
 
         device = trusted[secure.remote_static]
+        open_connections = sum(1 for session in self._sessions if session.secure.remote_static == secure.remote_static)
+        if open_connections >= MAX_CONNECTIONS_PER_DEVICE:
+            self._device_limit_log.warning(
+                "device %r already has %d connections; closing the new one from %s",
+                device.name,
+                open_connections,
+                address,
+            )
+            await _reject_connection(
+                secure, f"device {device.name!r} already has {MAX_CONNECTIONS_PER_DEVICE} connections to this signer"
+            )
+            return
         logger.info("device %r connected from %s", device.name, address)
         session = _AgentSession(self, secure, device, address)
         self._sessions.add(session)
@@ -330,6 +372,10 @@ class _AgentSession:
             )
             return
 
+        # Counted here, not when the task starts, so a burst of requests
+        # read before any task runs cannot pass the limit.
+        if isinstance(message, SignRequest):
+            self._pending_signs += 1
         task = asyncio.create_task(self._handle(message))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
@@ -339,7 +385,6 @@ class _AgentSession:
             if isinstance(message, ListRequest):
                 reply = self._list(message)
             elif isinstance(message, SignRequest):
-                self._pending_signs += 1
                 try:
                     reply = await self._sign(message)
                 finally:
@@ -377,6 +422,14 @@ class _AgentSession:
         except KeyStoreError as exc:
             logger.error("listing identities failed: %s", exc)
             return Failure(request.request_id, FailureCode.INTERNAL_ERROR, "the signer cannot read its key store")
+        if len(identities) > MAX_LISTED_IDENTITIES:
+            self.server.listing_limit_log.warning(
+                "the key store has %d enabled identities; listings show only the first %d by label "
+                "(disable unused ones with 'tpmsigner disable LABEL')",
+                len(identities),
+                MAX_LISTED_IDENTITIES,
+            )
+            identities = identities[:MAX_LISTED_IDENTITIES]
         # An identity with a certificate is listed twice, key first, as
         # OpenSSH's ssh-agent lists a key and its certificate.
         return ListReply(
@@ -496,7 +549,7 @@ class _AgentSession:
             f" to {approval.destination}" if approval.destination else "",
         )
 
-        pin = await self._ask(approval)
+        pin = await self._ask_unless_busy(approval)
         if isinstance(pin, Failure):
             self._count_refusal(pin)
             self.server.notify(approval, pin)
@@ -551,6 +604,26 @@ class _AgentSession:
             )
             return Failure(request_id, FailureCode.LOCKED_OUT, "the signer's TPM is in dictionary-attack lockout")
         return None
+
+    async def _ask_unless_busy(self, approval: ApprovalRequest) -> str | Failure:
+        """Ask the approver, unless MAX_WAITING_APPROVALS requests already wait for it."""
+        server = self.server
+        if server.waiting_approvals >= MAX_WAITING_APPROVALS:
+            logger.warning(
+                "request #%d: %d sign requests are already waiting for approval; rejected as busy",
+                approval.request_id,
+                server.waiting_approvals,
+            )
+            return Failure(
+                approval.request_id,
+                FailureCode.BUSY,
+                f"{MAX_WAITING_APPROVALS} sign requests are already waiting for approval on the signer",
+            )
+        server.waiting_approvals += 1
+        try:
+            return await self._ask(approval)
+        finally:
+            server.waiting_approvals -= 1
 
     async def _ask(self, approval: ApprovalRequest) -> str | Failure:
         """Return the PIN, or a Failure (its request id is the serial, for the caller to replace)."""
@@ -611,3 +684,12 @@ class _AgentSession:
 def _check_ready_for(tpm: Tpm, store: KeyStore, identity: Identity) -> LockoutStatus:
     """Prepare ``tpm`` for a signature by ``identity``; runs on the TPM thread."""
     return tpm.check_ready(store.key_blob(identity).parent)
+
+
+async def _reject_connection(secure: channel.NoiseChannel, reason: str) -> None:
+    """Tell the agent why its new connection is not served, with a BUSY failure, and close it."""
+    try:
+        await secure.send(encode_message(Failure(CONNECTION_REQUEST_ID, FailureCode.BUSY, reason)))
+    except ChannelError:
+        pass
+    await secure.close()
