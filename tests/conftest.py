@@ -18,6 +18,15 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Property tests (tests/test_properties_*.py) run 200 examples each by
+# default.  HYPOTHESIS_PROFILE=long runs many more, for a search of an hour
+# or so.  No deadline: a test that talks to real processes or the kernel
+# varies in time for reasons that are not bugs.
+settings.register_profile("standard", max_examples=200, deadline=None)
+settings.register_profile("long", max_examples=20_000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "standard"))
 
 from tests.support import OpenSshAgent, Sshd, Swtpm, pid_is_running, start_swtpm
 from tests.support.chain import Chain
