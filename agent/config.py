@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tpmsigner.errors import ConfigError
 from tpmsigner.fsutil import ensure_private_dir, write_private_file
+from tpmsigner.jsonutil import parse_json
 from tpmsigner.protocol.channel import StaticKey, format_public_key, parse_public_key, public_key_fingerprint
 
 SIGNERS_VERSION = 1
@@ -104,7 +105,7 @@ class AgentHome:
         if not path.exists():
             return []
         try:
-            record = json.loads(path.read_text(encoding="utf-8"))
+            record = parse_json(path.read_text(encoding="utf-8"))
             if record.get("version") != SIGNERS_VERSION:
                 raise ValueError(f"unsupported version {record.get('version')!r}")
             signers = []

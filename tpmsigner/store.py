@@ -19,8 +19,16 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import IdentityExistsError, IdentityNotFoundError, KeyFileError, KeyStoreError, TpmBindingError
+from .errors import (
+    IdentityExistsError,
+    IdentityNotFoundError,
+    KeyFileError,
+    KeyStoreError,
+    ProtocolError,
+    TpmBindingError,
+)
 from .fsutil import ensure_private_dir, fsync_directory, write_private_file
+from .jsonutil import parse_json
 from .keyfile import decode_key_file, encode_key_file
 from .protocol.sshkeys import EcdsaPublicKey, SshPublicKey, fingerprint_of_blob, public_key_from_blob
 from .tpm import TpmKeyBlob, public_key_of
@@ -114,6 +122,10 @@ class Identity:
             raise KeyFileError(f"{source}: allowed_host_keys must be a list of SHA256: fingerprints")
         if fingerprint_of_blob(identity.public_key_blob) != identity.fingerprint:
             raise KeyFileError(f"{source}: the fingerprint does not match the public key")
+        try:
+            public_key_from_blob(identity.public_key_blob)
+        except ProtocolError as exc:
+            raise KeyFileError(f"{source}: public_key_blob is not a supported SSH public key: {exc}") from None
         return identity
 
     def to_display(self) -> dict[str, object]:
@@ -298,8 +310,8 @@ class KeyStore:
 
     def _read_metadata(self, path: Path) -> Identity:
         try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            record = parse_json(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
             raise KeyStoreError(f"cannot read identity metadata {path}: {exc}") from None
         identity = Identity.from_json(record, source=str(path))
         if path.name != identity.label + METADATA_SUFFIX:
@@ -323,11 +335,13 @@ class TpmBinding:
         if not self.path.exists():
             return {}
         try:
-            record = json.loads(self.path.read_text(encoding="utf-8"))
+            record = parse_json(self.path.read_text(encoding="utf-8"))
             parents = record["parents"]
             if record.get("version") != 1 or not isinstance(parents, dict):
                 raise ValueError("unsupported format")
-            return {str(handle): str(name) for handle, name in parents.items()}
+            if not all(isinstance(name, str) for name in parents.values()):
+                raise ValueError("every parent name must be a hex string")
+            return dict(parents)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise KeyStoreError(f"cannot read the TPM binding file {self.path}: {exc}") from None
 

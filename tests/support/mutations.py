@@ -113,8 +113,13 @@ def decoded_or_rejected(decode, data, rejections: tuple[type[Exception], ...]):
 
     Any other exception propagates, so Hypothesis reports it with the input.
     """
+    return called_or_rejected(lambda: decode(data), rejections)
+
+
+def called_or_rejected(call, rejections: tuple[type[Exception], ...]):
+    """Return ``call()``, or None when it raises one of ``rejections`` with a message."""
     try:
-        return decode(data)
+        return call()
     except rejections as exc:
         assert str(exc).strip(), f"{type(exc).__name__} without a message"
         return None

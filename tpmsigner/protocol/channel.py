@@ -36,7 +36,7 @@ from typing import Callable
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from noise.connection import Keypair, NoiseConnection
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from noise.exceptions import (
     NoiseHandshakeError,
     NoiseInvalidMessage,
@@ -98,7 +98,7 @@ class StaticKey:
         if path.exists():
             try:
                 key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-            except (ValueError, TypeError, OSError) as exc:
+            except (ValueError, TypeError, UnsupportedAlgorithm, OSError) as exc:
                 raise ConfigError(f"cannot read the Noise static key {path}: {exc}") from None
             if not isinstance(key, X25519PrivateKey):
                 raise ConfigError(f"{path} does not hold an X25519 private key")
