@@ -38,7 +38,9 @@ def default_home() -> Path:
 def parse_address(value: str) -> tuple[str, int]:
     """Split ``HOST:PORT`` (``[v6addr]:PORT`` for IPv6)."""
     host, separator, port = value.rpartition(":")
-    valid_port = port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
+    # The length check keeps int() away from digit strings longer than
+    # the 4300 digits it converts, which raise ValueError.
+    valid_port = port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535
     if not separator or not host or not valid_port or any(character.isspace() for character in host):
         raise ConfigError(
             f"invalid address {value!r}: use HOST:PORT with a port from 1 to 65535, for example 192.0.2.7:7810"
