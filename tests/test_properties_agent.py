@@ -2,7 +2,7 @@
 
 ssh command lines from /proc, known_hosts files, process information, and
 the addresses in its configuration.  None of them may raise anything but
-the documented ConfigError, because the agent reads them while it answers
+the documented ConfigError, because the agent reads them while it handles
 a sign request.
 """
 

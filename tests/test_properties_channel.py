@@ -188,20 +188,15 @@ async def _respond_to(messages: list[bytes]) -> ChannelError | channel.NoiseChan
         right.close()
 
 
-def _handshake_messages() -> tuple[bytes, bytes]:
-    """Return a valid message 1 and, for the signer's reply to it, a valid message 3."""
-    agent = channel._new_connection(AGENT_KEY, initiator=True)
-    signer = channel._new_connection(SIGNER_KEY, initiator=False)
-    first = bytes(agent.write_message())
-    signer.read_message(first)
-    agent.read_message(signer.write_message())
-    return first, bytes(agent.write_message())
+def _first_handshake_message() -> bytes:
+    """Return a valid handshake message 1 ("-> e") of a new initiator."""
+    return bytes(channel._new_connection(AGENT_KEY, initiator=True).write_message())
 
 
 @given(
     st.one_of(
         st.lists(st.binary(max_size=120), min_size=1, max_size=3),
-        mutated(st.builds(lambda: _handshake_messages()[0])).map(lambda first: [first, b"\x00" * 64]),
+        mutated(st.builds(_first_handshake_message)).map(lambda first: [first, b"\x00" * 64]),
     )
 )
 def test_garbage_handshake_is_channel_error(messages: list[bytes]) -> None:
