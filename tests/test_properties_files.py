@@ -36,6 +36,8 @@ from tpmsigner.templates import ecc_signing_key_template, rsa_signing_key_templa
 from tpmsigner.tpm import PARENT_OWNER, TpmKeyBlob, public_key_of
 from tpmsigner_agent.config import AgentHome
 
+# Inputs that fuzzing found, kept as files because they are long.
+REGRESSIONS = Path(__file__).parent / "fuzz" / "regressions"
 # JSON that json.loads rejects with something other than JSONDecodeError.
 DEEPLY_NESTED_JSON = "[" * 100_000 + "]" * 100_000
 HUGE_INTEGER_JSON = '{"version": ' + "1" * 5000 + "}"
@@ -107,6 +109,9 @@ def public_areas(draw: st.DrawFn) -> bytes:
         template = rsa_signing_key_template(draw(st.sampled_from([2048, 3072])))
         template.parameters.rsaDetail.exponent = draw(st.sampled_from([0, 3, 65537, 2**32 - 1]))
         template.unique.rsa = draw(st.binary(max_size=400))
+    if draw(st.booleans()):
+        # Any TPMA_OBJECT bits, reserved ones included.
+        template.objectAttributes = draw(st.integers(0, 2**32 - 1))
     return bytes(TPM2B_PUBLIC(publicArea=template).marshal())
 
 
@@ -139,6 +144,9 @@ key_files = st.one_of(key_file_der().map(armored), mutated(key_file_der()).map(a
 
 @given(st.one_of(key_files, mutated(key_file_der().map(armored)), st.binary(max_size=128)))
 @example(armored(_der(0x30, _der(0x06, LOADABLE_KEY_OID) + _der(0x02, b"\x01")))).via("no public part")
+@example((REGRESSIONS / "key-file-reserved-attribute-bits.pem").read_bytes()).via(
+    "found by atheris: reserved TPMA_OBJECT bits made the error message itself raise ValueError"
+)
 def test_key_file_gives_usable_key_or_narrow_error(pem: bytes) -> None:
     key_file = decoded_or_rejected(read_key_file, pem, (KeyFileError,))
     if key_file is None:

@@ -143,7 +143,7 @@ def public_key_of(blob: TpmKeyBlob) -> SshPublicKey:
     attributes = int(area.objectAttributes)
     if attributes & SIGNING_KEY_REQUIRED != SIGNING_KEY_REQUIRED or attributes & SIGNING_KEY_FORBIDDEN:
         raise TpmKeyLoadError(
-            f"key attributes {TPMA_OBJECT(attributes)!s} are not those of a PIN-protected "
+            f"key attributes {_attribute_names(attributes)} are not those of a PIN-protected "
             "signing key (need fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth|sign, "
             "and no decrypt, noDA or restricted)"
         )
@@ -167,6 +167,18 @@ def public_key_of(blob: TpmKeyBlob) -> SshPublicKey:
         return _checked_public_key(RsaPublicKey(modulus, exponent))
 
     raise TpmKeyLoadError(f"key type {area.type} is not supported; only ECDSA and RSA keys are")
+
+
+def _attribute_names(attributes: int) -> str:
+    """Return TPMA_OBJECT bits as names, or as hex when reserved bits are set.
+
+    tpm2-pytss's TPMA_OBJECT.__str__ raises ValueError for bits that have
+    no name (TPM 2.0 Library Part 2, section 8.3.2, marks them reserved).
+    """
+    try:
+        return f"{TPMA_OBJECT(attributes)!s} (0x{attributes:08x})"
+    except ValueError:
+        return f"0x{attributes:08x}"
 
 
 def _checked_public_key(key: SshPublicKey) -> SshPublicKey:
