@@ -139,11 +139,20 @@ def armored(der: bytes) -> bytes:
     return b"-----BEGIN TSS2 PRIVATE KEY-----\n" + body + b"-----END TSS2 PRIVATE KEY-----\n"
 
 
+def _key_file_with_p256_x(x: bytes) -> bytes:
+    template = ecc_signing_key_template(TPM2_ECC.NIST_P256)
+    template.unique.ecc.x = x
+    template.unique.ecc.y = b"\x01" * 32
+    public = bytes(TPM2B_PUBLIC(publicArea=template).marshal())
+    return encode_key_file(TpmKeyBlob(public, bytes(TPM2B_PRIVATE(b"p" * 16).marshal()), PARENT_OWNER))
+
+
 key_files = st.one_of(key_file_der().map(armored), mutated(key_file_der()).map(armored))
 
 
 @given(st.one_of(key_files, mutated(key_file_der().map(armored)), st.binary(max_size=128)))
 @example(armored(_der(0x30, _der(0x06, LOADABLE_KEY_OID) + _der(0x02, b"\x01")))).via("no public part")
+@example(_key_file_with_p256_x(b"\x01" * 40)).via("a 40-byte P-256 coordinate: OverflowError when encoded")
 @example((REGRESSIONS / "key-file-reserved-attribute-bits.pem").read_bytes()).via(
     "found by atheris: reserved TPMA_OBJECT bits made the error message itself raise ValueError"
 )
