@@ -175,7 +175,10 @@ def verified_host_name(target: SshTarget | None, host_key: bytes) -> tuple[str, 
             continue
         try:
             known_hosts = asyncssh.read_known_hosts(path)
-        except (OSError, ValueError, asyncssh.KeyImportError) as exc:
+        except (OSError, ValueError, asyncssh.KeyImportError, NameError) as exc:
+            # NameError: asyncssh 2.24 without pyOpenSSL raises it for an
+            # entry whose key field looks like DER ("0" then binary bytes),
+            # because it calls an X.509 function it did not import.
             logger.warning("cannot read known_hosts file %s: %s", path, exc)
             continue
         # NOTE: asyncssh retries without the port when nothing matches

@@ -149,6 +149,7 @@ def file_with(content: bytes) -> Iterator[Path]:
     st.sampled_from(["host", "other", "10.0.0.1", "x.example", "[host]"]),
     st.none() | st.sampled_from([22, 2222]),
 )
+@example(b"h 0\x00\x00\n", "host", None).via("found by atheris: asyncssh raised NameError for a DER-like key")
 def test_known_hosts_file_gives_name_and_flag(content: bytes, host: str, port: int | None) -> None:
     with file_with(content) as path:
         name, verified = verified_host_name(SshTarget(host, port, (str(path),)), HOST_KEY.public_data)
