@@ -1,4 +1,5 @@
-"""Property tests of the Noise channel's framing, fragment reassembly and handshake.
+"""Property tests of the Noise channel's framing, fragment reassembly and handshake,
+and of the pairing messages that travel inside it.
 
 The peer here is a raw noiseprotocol connection on the other end of a real
 socket pair, so a test can send fragments, flags and frames that
@@ -12,13 +13,18 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import tempfile
+from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.support.mutations import mutated, mutations_of
-from tpmsigner.errors import ChannelError
+from tests.support.mutations import bad_input, mutated, mutations_of, utf8_text
+from tpmsigner import pairing
+from tpmsigner.errors import ChannelError, ConfigError, ProtocolError
 from tpmsigner.protocol import channel
+from tpmsigner.signer.devices import DeviceRegistry
+from tpmsigner_agent.config import AgentHome
 from tpmsigner.protocol.channel import FRAGMENT_LAST, FRAGMENT_MORE, MAX_NOISE_MESSAGE, StaticKey
 
 AGENT_KEY = StaticKey.generate()
@@ -236,3 +242,51 @@ def test_tampered_third_message_is_channel_error(data: st.DataObject) -> None:
             peer_writer.close()
 
     assert isinstance(asyncio.run(run()), ChannelError)
+
+
+# ---- pairing messages as each side receives them ---------------------------------
+
+pairing_payloads = st.one_of(
+    st.builds(pairing.Hello, utf8_text(80)).map(pairing.encode),
+    st.builds(pairing.Confirm, st.booleans(), utf8_text(40)).map(pairing.encode),
+    st.builds(pairing.Result, st.booleans(), utf8_text(40)).map(pairing.encode),
+    st.binary(max_size=40),
+)
+
+
+@given(bad_input(pairing_payloads), st.sampled_from(["signer", "agent"]))
+def test_pairing_hello_gives_name_or_narrow_error(payload: bytes, receiver: str) -> None:
+    async def run() -> pairing.Hello | Exception:
+        left, right = socket.socketpair()
+        agent_streams = await asyncio.open_connection(sock=left)
+        signer_streams = await asyncio.open_connection(sock=right)
+        try:
+            agent, signer = await asyncio.gather(
+                channel.initiate_pairing(*agent_streams, AGENT_KEY, timeout=RECEIVE_TIMEOUT),
+                channel.respond_pairing(*signer_streams, SIGNER_KEY, timeout=RECEIVE_TIMEOUT),
+            )
+            sender, receiving = (agent, signer) if receiver == "signer" else (signer, agent)
+            await sender.send(payload)
+            try:
+                return await asyncio.wait_for(pairing.receive_hello(receiving), RECEIVE_TIMEOUT)
+            except (pairing.PairingRefusedError, ProtocolError) as exc:
+                return exc
+        finally:
+            agent_streams[1].close()
+            signer_streams[1].close()
+
+    result = asyncio.run(run())
+
+    if isinstance(result, Exception):
+        assert str(result)
+        return
+    # Each side checks the proposed name before it shows it to a person.
+    with tempfile.TemporaryDirectory(prefix="tpms-prop-") as home:
+        for check_name in (
+            lambda: DeviceRegistry(Path(home) / "devices.json").check_allow(result.name, AGENT_KEY.public),
+            lambda: AgentHome(Path(home)).check_trust(result.name, SIGNER_KEY.public),
+        ):
+            try:
+                check_name()
+            except ConfigError as exc:
+                assert "invalid" in str(exc)

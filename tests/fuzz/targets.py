@@ -324,6 +324,10 @@ _scratch = Path(tempfile.mkdtemp(prefix="tpmsigner-fuzz-"))
 
 
 def run_key_file(data: bytes) -> None:
+    # With an odd first byte, the rest is DER that the harness armours, so
+    # mutations reach the ASN.1 and TPM structures instead of breaking base64.
+    if data and data[0] & 1:
+        data = b"-----BEGIN TSS2 PRIVATE KEY-----\n" + base64.encodebytes(data[1:]) + b"-----END TSS2 PRIVATE KEY-----\n"
     try:
         key_file = read_key_file(data)
         key = public_key_of(key_file.blob)
@@ -338,7 +342,9 @@ def key_file_seeds() -> list[bytes]:
     template.unique.ecc.y = P256_GENERATOR[33:]
     public = bytes(TPM2B_PUBLIC(publicArea=template).marshal())
     private = bytes(TPM2B_PRIVATE(b"p" * 32).marshal())
-    return [encode_key_file(TpmKeyBlob(public, private, PARENT_OWNER))]
+    pem = encode_key_file(TpmKeyBlob(public, private, PARENT_OWNER))
+    der = base64.b64decode(b"".join(pem.splitlines()[1:-1]))
+    return [b"\x00" + pem, b"\x01" + der]
 
 
 STATE_FILES = ["keys/work.json", "tpm.json", "devices.json", "signers.json", "noise-static-key.pem", "pin"]
@@ -349,9 +355,13 @@ def run_state_file(data: bytes) -> None:
     if not data:
         return
     name = STATE_FILES[data[0] % len(STATE_FILES)]
+    content = data[1:]
+    if name == "noise-static-key.pem" and data[0] & 0x80:
+        # The rest is DER, armoured here so that mutations reach the key's ASN.1.
+        content = b"-----BEGIN PRIVATE KEY-----\n" + base64.encodebytes(content) + b"-----END PRIVATE KEY-----\n"
     path = _scratch / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data[1:])
+    path.write_bytes(content)
     try:
         if name == "keys/work.json":
             for identity in KeyStore(_scratch).list():
@@ -386,6 +396,7 @@ def state_file_seeds() -> list[bytes]:
         b"\x02" + ('{"version": 2, "devices": {"laptop": {"key": "%s"}}}' % key_text).encode(),
         b"\x03" + ('{"version": 1, "signers": {"s": {"address": "127.0.0.1:7810", "key": "%s"}}}' % key_text).encode(),
         b"\x04-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VuBCIEICC4TAgLhKYzGCoAbFlalwwyqzMqaa+8iyapNPAZcENN\n-----END PRIVATE KEY-----\n",
+        b"\x88" + base64.b64decode("MC4CAQAwBQYDK2VuBCIEICC4TAgLhKYzGCoAbFlalwwyqzMqaa+8iyapNPAZcENN"),
         b"\x05" + b"1234\n",
     ]
 
