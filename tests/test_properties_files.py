@@ -346,6 +346,9 @@ def damaged_pems(draw: st.DrawFn) -> bytes:
 @example(
     b"-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDAGVuBCIEICC4TAgLhKYzGCoAbFlalwwyqzMqaa+8iyapNPAZcENN\n-----END PRIVATE KEY-----\n"
 ).via("an X25519 key whose algorithm OID lost a byte: cryptography raises UnsupportedAlgorithm")
+@example(
+    b"-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VxBCIEICC4TAgLhKYzGCoAbFlalwwyqzMqaa+8iyapNPAZcENN\n-----END PRIVATE KEY-----\n"
+).via("found by atheris: a 32-byte Ed448 key, for which cryptography raises InternalError")
 def test_noise_key_file_loads_or_gives_config_error(pem: bytes) -> None:
     with scratch_directory() as home:
         (home / "key.pem").write_bytes(pem)
