@@ -28,6 +28,16 @@ settings.register_profile("standard", max_examples=200, deadline=None)
 settings.register_profile("long", max_examples=20_000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "standard"))
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The long profile runs for many minutes per test, past the suite's
+    # per-test timeout in pyproject.toml, so property tests run without one.
+    if settings.default.max_examples <= 200:
+        return
+    for item in items:
+        if item.path.name.startswith("test_properties_"):
+            item.add_marker(pytest.mark.timeout(0))
+
 from tests.support import OpenSshAgent, Sshd, Swtpm, pid_is_running, start_swtpm
 from tests.support.chain import Chain
 
