@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.chain import Chain
-from tests.support.mutations import EXTREME_UINT32, mutated, ssh_strings, utf8_text
+from tests.support.mutations import EXTREME_UINT32, mutated, ssh_strings
 from tests.support.ports import LOCALHOST
 from tests.test_properties_protocol import evidences, messages as signer_messages, process_infos, signed_binds
 from tpmsigner.audit import AuditLog

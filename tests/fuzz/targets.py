@@ -33,7 +33,6 @@ from tpmsigner.audit import AuditLog, print_audit
 from tpmsigner.commands.signer import parse_listen
 from tpmsigner.errors import ChannelError, ConfigError, KeyFileError, KeyStoreError, ProtocolError, TpmKeyLoadError
 from tpmsigner.fsutil import read_secret_line
-from tpmsigner.jsonutil import parse_json
 from tpmsigner.keyfile import encode_key_file, read_key_file
 from tpmsigner.protocol import channel
 from tpmsigner.protocol.messages import (
