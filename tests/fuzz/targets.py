@@ -13,9 +13,11 @@ the harnesses keep working as the product changes.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import contextlib
 import logging
+import shutil
 import socket
 import struct
 import tempfile
@@ -320,6 +322,7 @@ def handshake_seeds() -> list[bytes]:
 # ---- files -----------------------------------------------------------------------------
 
 _scratch = Path(tempfile.mkdtemp(prefix="tpmsigner-fuzz-"))
+atexit.register(shutil.rmtree, _scratch, ignore_errors=True)
 
 
 def run_key_file(data: bytes) -> None:
