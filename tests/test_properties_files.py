@@ -162,7 +162,7 @@ def test_key_file_gives_usable_key_or_narrow_error(pem: bytes) -> None:
         return
 
     # A file the reader accepts yields a usable public key, or a narrow
-    # error that says why the key cannot be used.
+    # error that explains why the key cannot be used.
     key = decoded_or_rejected(public_key_of, key_file.blob, (KeyFileError, TpmKeyLoadError))
     if key is not None:
         assert public_key_from_blob(key.blob) == key
@@ -216,7 +216,7 @@ metadata_records = st.builds(
 @example(DEEPLY_NESTED_JSON.encode()).via("nesting deeper than the recursion limit")
 @example(HUGE_INTEGER_JSON.encode()).via("integer over 4300 digits")
 @example(json.dumps({**METADATA_IDENTITY.to_json(), "public_key_blob": "AAAA", "fingerprint": "SHA256:"}).encode())
-def test_identity_metadata_gives_usable_identity_or_key_store_error(document: bytes) -> None:
+def test_identity_metadata_bad_input(document: bytes) -> None:
     with scratch_directory() as home:
         (home / "keys").mkdir()
         (home / "keys" / "work.json").write_bytes(document)
@@ -241,7 +241,7 @@ tpm_binding_records = st.builds(
 @given(json_documents(tpm_binding_records))
 @example(DEEPLY_NESTED_JSON.encode())
 @example(b'{"version": 1, "parents": {"0x81000001": {"a": 1}}}').via("a name that is not a string")
-def test_tpm_binding_file_gives_names_or_key_store_error(document: bytes) -> None:
+def test_tpm_binding_file_bad_input(document: bytes) -> None:
     with scratch_directory() as home:
         (home / "tpm.json").write_bytes(document)
         recorded = called_or_rejected(TpmBinding(home).recorded, (KeyStoreError,))
@@ -355,7 +355,8 @@ def test_noise_key_file_loads_or_gives_config_error(pem: bytes) -> None:
         key = decoded_or_rejected(StaticKey.load_or_create, home / "key.pem", (ConfigError,))
 
     if key is not None:
-        assert len(key.private) == 32 and len(key.public) == 32
+        assert len(key.private) == 32
+        assert len(key.public) == 32
 
 
 @given(st.binary(max_size=200))
@@ -402,7 +403,7 @@ def audit_logs(draw: st.DrawFn) -> bytes:
 @example(b'{"":"","outcome":null}').via("an outcome that is not a string")
 @example(b'{"time":"2024-05-01T10:00:00","outcome":"denied"}\n').via("a time without a zone, compared with --since")
 @example(b'{"prev": "' + b"0" * 64 + b'"}\n\xff\n').via("a line that is not UTF-8")
-def test_audit_log_reads_and_prints_or_gives_config_error(document: bytes) -> None:
+def test_audit_log_bad_input(document: bytes) -> None:
     with scratch_directory() as home:
         (home / "audit.jsonl").write_bytes(document)
         log = AuditLog(home / "audit.jsonl")

@@ -45,8 +45,8 @@ from tpmsigner_agent.destination import parse_ssh_command
 
 # Rounds of the whole batch under tracemalloc, after one round of warm-up.
 # With at least 10 inputs a batch, a decoder runs at least 1000 times, so a
-# leak of 33 bytes or more per decode exceeds GROWTH_LIMIT; receive() runs at
-# least 100 times, so a leak of 330 bytes per channel does.
+# leak of 33 bytes or more per decode exceeds GROWTH_LIMIT.  receive() runs
+# at least 100 times, so a leak of 330 bytes per channel exceeds it too.
 ROUNDS = 100
 CHANNEL_ROUNDS = 20
 GROWTH_LIMIT = 32 * 1024
