@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tpmsigner.errors import ConfigError
 from tpmsigner.fsutil import ensure_private_dir, write_private_file
+from tpmsigner.jsonutil import parse_json
 from tpmsigner.protocol.channel import StaticKey, format_public_key, parse_public_key, public_key_fingerprint
 
 SIGNERS_VERSION = 1
@@ -40,7 +41,9 @@ def default_home() -> Path:
 def parse_address(value: str) -> tuple[str, int]:
     """Split ``HOST:PORT`` (``[v6addr]:PORT`` for IPv6)."""
     host, separator, port = value.rpartition(":")
-    valid_port = port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
+    # The length check keeps int() away from digit strings longer than
+    # the 4300 digits it converts, which raise ValueError.
+    valid_port = port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535
     if not separator or not host or not valid_port or any(character.isspace() for character in host):
         raise ConfigError(
             f"invalid address {value!r}: use HOST:PORT with a port from 1 to 65535, for example 192.0.2.7:7810"
@@ -107,7 +110,7 @@ class AgentHome:
         if not path.exists():
             return []
         try:
-            record = json.loads(path.read_text(encoding="utf-8"))
+            record = parse_json(path.read_text(encoding="utf-8"))
             if record.get("version") != SIGNERS_VERSION:
                 raise ValueError(f"unsupported version {record.get('version')!r}")
             signers = []

@@ -109,15 +109,15 @@ def parse_ssh_command(arguments: list[str], home: str) -> SshTarget | None:
                 else:
                     value = arguments[index + 1] if index + 1 < len(arguments) else ""
                     index += 2
-                if letter == "p" and value.isdigit():
-                    port = int(value)
+                if letter == "p" and (number := _port_number(value)) is not None:
+                    port = number
                 elif letter == "o":
                     # ssh keeps the first value it reads for each -o option.
                     name, _, option_value = value.replace("=", " ", 1).partition(" ")
                     name = name.lower()
                     option_value = option_value.strip()
-                    if name == "port" and option_value.isdigit() and port is None:
-                        port = int(option_value)
+                    if name == "port" and port is None:
+                        port = _port_number(option_value)
                     elif name == "userknownhostsfile" and not known_hosts:
                         known_hosts.extend(option_value.split())
                     elif name == "hostkeyalias" and host_key_alias is None:
@@ -136,12 +136,11 @@ def parse_ssh_command(arguments: list[str], home: str) -> SshTarget | None:
         host_part = authority.rsplit("@", 1)[-1]
         if host_part.startswith("["):
             host, _, rest = host_part[1:].partition("]")
-            if rest.startswith(":") and rest[1:].isdigit():
-                port = port or int(rest[1:])
+            if rest.startswith(":"):
+                port = port or _port_number(rest[1:])
         else:
             host, _, port_text = host_part.partition(":")
-            if port_text.isdigit():
-                port = port or int(port_text)
+            port = port or _port_number(port_text)
     else:
         host = destination.rsplit("@", 1)[-1]
 
@@ -149,6 +148,17 @@ def parse_ssh_command(arguments: list[str], home: str) -> SshTarget | None:
         known_hosts = [os.path.join(home, ".ssh", "known_hosts"), os.path.join(home, ".ssh", "known_hosts2")]
     files = tuple(os.path.expanduser(path) if not path.startswith("~") else path.replace("~", home, 1) for path in known_hosts)
     return SshTarget(host=host_key_alias or host, port=port, known_hosts_files=files)
+
+
+def _port_number(text: str) -> int | None:
+    """Return a TCP port from 1 to 65535 written in ASCII digits, else None.
+
+    str.isdigit() alone also accepts digits such as "²" that int() rejects.
+    """
+    if not (text.isascii() and text.isdigit() and len(text) <= 5):
+        return None
+    number = int(text)
+    return number if 1 <= number <= 65535 else None
 
 
 def verified_host_name(target: SshTarget | None, host_key: bytes) -> tuple[str, bool]:
@@ -167,7 +177,10 @@ def verified_host_name(target: SshTarget | None, host_key: bytes) -> tuple[str, 
             continue
         try:
             known_hosts = asyncssh.read_known_hosts(path)
-        except (OSError, ValueError, asyncssh.KeyImportError) as exc:
+        except (OSError, ValueError, asyncssh.KeyImportError, NameError) as exc:
+            # NameError: asyncssh 2.24 without pyOpenSSL raises it for an
+            # entry whose key field looks like DER ("0" then binary bytes),
+            # because it calls an X.509 function it did not import.
             logger.warning("cannot read known_hosts file %s: %s", path, exc)
             continue
         # NOTE: asyncssh retries without the port when nothing matches

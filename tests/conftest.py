@@ -18,6 +18,25 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Property tests (tests/test_properties_*.py) run 200 examples each by
+# default.  HYPOTHESIS_PROFILE=long runs many more, for a search of an hour
+# or so.  No deadline: a test that talks to real processes or the kernel
+# varies in time for reasons that are not bugs.
+settings.register_profile("standard", max_examples=200, deadline=None)
+settings.register_profile("long", max_examples=20_000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "standard"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The long profile runs for many minutes per test, past the suite's
+    # per-test timeout in pyproject.toml, so property tests run without one.
+    if settings.default.max_examples <= 200:
+        return
+    for item in items:
+        if item.path.name.startswith("test_properties_"):
+            item.add_marker(pytest.mark.timeout(0))
 
 from tests.support import OpenSshAgent, Sshd, Swtpm, pid_is_running, start_swtpm
 from tests.support.chain import Chain

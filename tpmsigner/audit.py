@@ -29,6 +29,7 @@ from pathlib import Path
 from .errors import ConfigError, StateWriteError
 from .fsutil import ensure_private_dir
 from .syncer import BackgroundSync, sync_file
+from .jsonutil import parse_json
 from .protocol.messages import FailureCode
 
 GENESIS = "0" * 64
@@ -166,7 +167,7 @@ class AuditLog:
         return GENESIS
 
     def records(self) -> list[dict[str, object]]:
-        """Return every record, oldest first; a line that is not JSON raises ConfigError naming it."""
+        """Return every record, oldest first; a line that is not a JSON object raises ConfigError naming it."""
         records = []
         for path in self.files():
             with open(path, "rb") as log_file:
@@ -174,9 +175,12 @@ class AuditLog:
                     if not line.strip():
                         continue
                     try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError:
+                        record = parse_json(line)
+                    except ValueError:
                         raise ConfigError(f"{path}: line {number} is not JSON; run 'audit verify'") from None
+                    if not isinstance(record, dict):
+                        raise ConfigError(f"{path}: line {number} is not a JSON object; run 'audit verify'")
+                    records.append(record)
         return records
 
     def last(self) -> dict[str, object] | None:
@@ -197,8 +201,8 @@ class AuditLog:
                     count += 1
                     where = f"{path.name} line {number}"
                     try:
-                        entry = json.loads(line)
-                    except json.JSONDecodeError:
+                        entry = parse_json(line)
+                    except ValueError:
                         return VerifyResult(count, number, f"{where}: the line is not valid JSON", path)
                     if not isinstance(entry, dict) or (expected is not None and entry.get("prev") != expected):
                         return VerifyResult(
@@ -227,12 +231,8 @@ def print_audit(records: list[dict[str, object]], since: str | None = None, as_j
     """Print audit records, one per line, readably or as JSON."""
     threshold = parse_since(since) if since else None
     for record in records:
-        if threshold is not None:
-            try:
-                if datetime.fromisoformat(str(record.get("time"))) < threshold:
-                    continue
-            except ValueError:
-                pass
+        if threshold is not None and _recorded_before(record, threshold):
+            continue
         if as_json:
             print(json.dumps(record, sort_keys=True))
             continue
@@ -245,8 +245,23 @@ def print_audit(records: list[dict[str, object]], since: str | None = None, as_j
                 flags += ", forwarded"
             where = f" {destination['user']}@{host} ({flags})"
         who = record.get("device") or record.get("command_line") or ""
+        # Fields are formatted with str(): a damaged or edited line may hold
+        # any JSON value where a string belongs.
+        outcome = str(record.get("outcome", "?"))
         print(
-            f"{record.get('time')}  {record.get('outcome', '?'):<11}  {record.get('purpose', '?')}{where}  "
+            f"{record.get('time')}  {outcome:<11}  {record.get('purpose', '?')}{where}  "
             f"key {record.get('key_fingerprint', '?')}  by {who}"
             + (f"  -- {record['reason']}" if record.get("reason") else "")
         )
+
+
+def _recorded_before(record: dict[str, object], threshold: datetime) -> bool:
+    """Return True if the record's time is before ``threshold``; a time that does not parse is never before it."""
+    try:
+        moment = datetime.fromisoformat(str(record.get("time")))
+    except ValueError:
+        return False
+    # parse_since takes a time without a zone as UTC, and so does this.
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment < threshold

@@ -28,9 +28,11 @@ from .errors import (
     IdentityNotFoundError,
     KeyFileError,
     KeyStoreError,
+    ProtocolError,
     TpmBindingError,
 )
 from .fsutil import ensure_private_dir, fsync_directory, write_private_file
+from .jsonutil import parse_json
 from .keyfile import decode_key_file, encode_key_file
 from .protocol.certificates import Certificate, decode_certificate
 from .protocol.sshkeys import EcdsaPublicKey, SshPublicKey, fingerprint_of_blob, public_key_from_blob
@@ -156,6 +158,10 @@ class Identity:
             assert certificate is not None
             if certificate.key_blob != identity.public_key_blob:
                 raise KeyFileError(f"{source}: the certificate is for another key than the identity's")
+        try:
+            public_key_from_blob(identity.public_key_blob)
+        except ProtocolError as exc:
+            raise KeyFileError(f"{source}: public_key_blob is not a supported SSH public key: {exc}") from None
         return identity
 
     def to_display(self) -> dict[str, object]:
@@ -420,8 +426,8 @@ class KeyStore:
 
     def _read_metadata(self, path: Path) -> Identity:
         try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            record = parse_json(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
             raise KeyStoreError(f"cannot read identity metadata {path}: {exc}") from None
         identity = Identity.from_json(record, source=str(path))
         if path.name != identity.label + METADATA_SUFFIX:
@@ -445,11 +451,13 @@ class TpmBinding:
         if not self.path.exists():
             return {}
         try:
-            record = json.loads(self.path.read_text(encoding="utf-8"))
+            record = parse_json(self.path.read_text(encoding="utf-8"))
             parents = record["parents"]
             if record.get("version") != 1 or not isinstance(parents, dict):
                 raise ValueError("unsupported format")
-            return {str(handle): str(name) for handle, name in parents.items()}
+            if not all(isinstance(name, str) for name in parents.values()):
+                raise ValueError("every parent name must be a hex string")
+            return dict(parents)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise KeyStoreError(f"cannot read the TPM binding file {self.path}: {exc}") from None
 

@@ -56,6 +56,8 @@ from tpm2_pytss.types import (
 )
 
 from .errors import (
+    KeyFileError,
+    ProtocolError,
     TpmAuthError,
     TpmError,
     TpmKeyLoadError,
@@ -65,7 +67,7 @@ from .errors import (
 )
 from .keytypes import DEFAULT_KEY_TYPE, KEY_TYPES, KeyType
 from .loadedkeys import LoadedKeys, loaded_key_capacity
-from .protocol.sshkeys import NISTP256, NISTP384, EcdsaPublicKey, RsaPublicKey, SshPublicKey
+from .protocol.sshkeys import NISTP256, NISTP384, EcdsaPublicKey, RsaPublicKey, SshPublicKey, public_key_from_blob
 from .templates import (
     SIGNING_KEY_FORBIDDEN,
     SIGNING_KEY_REQUIRED,
@@ -149,7 +151,12 @@ class TpmKeyBlob:
 
 
 def public_key_of(blob: TpmKeyBlob) -> SshPublicKey:
-    """Return the SSH public key of a wrapped key, checking its attributes."""
+    """Return the SSH public key of a wrapped key, checking its attributes.
+
+    Raises TpmKeyLoadError for a key tpmsigner does not use, and
+    KeyFileError for a public area whose point or modulus is not a valid
+    key, which a damaged or crafted key file can hold.
+    """
     return _public_key_of_area(blob.public)
 
 
@@ -164,7 +171,7 @@ def _public_key_of_area(marshalled_public: bytes) -> SshPublicKey:
     attributes = int(area.objectAttributes)
     if attributes & SIGNING_KEY_REQUIRED != SIGNING_KEY_REQUIRED or attributes & SIGNING_KEY_FORBIDDEN:
         raise TpmKeyLoadError(
-            f"key attributes {TPMA_OBJECT(attributes)!s} are not those of a PIN-protected "
+            f"key attributes {_attribute_names(attributes)} are not those of a PIN-protected "
             "signing key (need fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth|sign, "
             "and no decrypt, noDA or restricted)"
         )
@@ -173,16 +180,42 @@ def _public_key_of_area(marshalled_public: bytes) -> SshPublicKey:
         curve = _CURVES_BY_TPM_ID.get(area.parameters.eccDetail.curveID)
         if curve is None:
             raise TpmKeyLoadError(f"ECC curve {area.parameters.eccDetail.curveID} is not supported")
-        x = int.from_bytes(bytes(area.unique.ecc.x.buffer), "big")
-        y = int.from_bytes(bytes(area.unique.ecc.y.buffer), "big")
-        return EcdsaPublicKey(curve, x, y)
+        x = bytes(area.unique.ecc.x.buffer)
+        y = bytes(area.unique.ecc.y.buffer)
+        if len(x) > curve.coordinate_size or len(y) > curve.coordinate_size:
+            raise KeyFileError(
+                f"the public key's coordinates have {len(x)} and {len(y)} bytes; "
+                f"{curve.ssh_name} allows at most {curve.coordinate_size}"
+            )
+        return _checked_public_key(EcdsaPublicKey(curve, int.from_bytes(x, "big"), int.from_bytes(y, "big")))
 
     if area.type == TPM2_ALG.RSA:
         exponent = int(area.parameters.rsaDetail.exponent) or RSA_DEFAULT_EXPONENT
         modulus = int.from_bytes(bytes(area.unique.rsa.buffer), "big")
-        return RsaPublicKey(modulus, exponent)
+        return _checked_public_key(RsaPublicKey(modulus, exponent))
 
     raise TpmKeyLoadError(f"key type {area.type} is not supported; only ECDSA and RSA keys are")
+
+
+def _attribute_names(attributes: int) -> str:
+    """Return TPMA_OBJECT bits as names, or as hex when reserved bits are set.
+
+    tpm2-pytss's TPMA_OBJECT.__str__ raises ValueError for bits that have
+    no name (TPM 2.0 Library Part 2, section 8.3.2, marks them reserved).
+    """
+    try:
+        return f"{TPMA_OBJECT(attributes)!s} (0x{attributes:08x})"
+    except ValueError:
+        return f"0x{attributes:08x}"
+
+
+def _checked_public_key(key: SshPublicKey) -> SshPublicKey:
+    """Return ``key`` if its SSH blob parses back: a point on its curve, a usable modulus."""
+    try:
+        public_key_from_blob(key.blob)
+    except ProtocolError as exc:
+        raise KeyFileError(f"the key's public area is not a valid public key: {exc}") from None
+    return key
 
 
 def key_type_of(blob: TpmKeyBlob) -> KeyType | None:

@@ -50,7 +50,7 @@ def command_allow(args: argparse.Namespace) -> int:
 
 def parse_listen(value: str) -> tuple[str, int]:
     host, separator, port = value.rpartition(":")
-    valid_port = port.isascii() and port.isdigit() and 0 <= int(port) <= 65535
+    valid_port = port.isascii() and port.isdigit() and len(port) <= 5 and 0 <= int(port) <= 65535
     if not separator or not host or not valid_port or any(character.isspace() for character in host):
         raise ConfigError(f"invalid --listen {value!r}: use HOST:PORT with a port from 0 to 65535, e.g. 127.0.0.1:7810")
     return host.strip("[]"), int(port)

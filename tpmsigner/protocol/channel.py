@@ -36,7 +36,7 @@ from typing import Callable
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from noise.connection import Keypair, NoiseConnection
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InternalError, InvalidTag, UnsupportedAlgorithm
 from noise.exceptions import (
     NoiseHandshakeError,
     NoiseInvalidMessage,
@@ -98,8 +98,15 @@ class StaticKey:
         if path.exists():
             try:
                 key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-            except (ValueError, TypeError, OSError) as exc:
+            except (ValueError, TypeError, UnsupportedAlgorithm, OSError) as exc:
                 raise ConfigError(f"cannot read the Noise static key {path}: {exc}") from None
+            except InternalError:
+                # cryptography 50 raises InternalError, whose text blames
+                # other libraries, for a PKCS#8 key whose length does not fit
+                # its algorithm, such as 32 bytes for Ed448.
+                raise ConfigError(
+                    f"cannot read the Noise static key {path}: OpenSSL rejected the key data as invalid"
+                ) from None
             if not isinstance(key, X25519PrivateKey):
                 raise ConfigError(f"{path} does not hold an X25519 private key")
             return cls(_raw_private(key), _raw_public(key.public_key()))

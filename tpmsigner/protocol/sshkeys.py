@@ -25,6 +25,8 @@ SSH_AGENT_RSA_SHA2_256 = 2
 SSH_AGENT_RSA_SHA2_512 = 4
 
 RSA_KEY_TYPE = "ssh-rsa"
+RSA_MIN_MODULUS_BITS = 1024
+RSA_MAX_MODULUS_BITS = 16384
 
 
 @dataclass(frozen=True)
@@ -163,9 +165,25 @@ class RsaPublicKey(_PublicKeyText):
             packet.check_end()
         except (PacketDecodeError, UnicodeDecodeError) as exc:
             raise ProtocolError(f"malformed SSH public key blob: {exc}") from None
-        if e < 3 or e % 2 == 0 or n < 2**1023:
-            raise ProtocolError("RSA public key has an invalid exponent or a modulus under 1024 bits")
-        return cls(n, e)
+        # OpenSSH accepts moduli of 1024 to 16384 bits (SSH_RSA_MINIMUM_MODULUS_SIZE
+        # and SSH_RSA_MAXIMUM_MODULUS_SIZE in ssh.h).  RFC 8017 section 3.1
+        # wants an odd modulus and an odd exponent from 3 to n - 1.
+        if not RSA_MIN_MODULUS_BITS <= n.bit_length() <= RSA_MAX_MODULUS_BITS:
+            raise ProtocolError(
+                f"RSA public key has a {n.bit_length()}-bit modulus; "
+                f"{RSA_MIN_MODULUS_BITS} to {RSA_MAX_MODULUS_BITS} bits are supported"
+            )
+        if n % 2 == 0 or e < 3 or e % 2 == 0 or e >= n:
+            raise ProtocolError(
+                "RSA public key is invalid: the modulus must be odd, and the exponent odd, at least 3 "
+                "and below the modulus"
+            )
+        key = cls(n, e)
+        try:
+            key.to_cryptography()
+        except ValueError as exc:
+            raise ProtocolError(f"RSA public key is invalid: {exc}") from None
+        return key
 
 
 SshPublicKey = EcdsaPublicKey | RsaPublicKey

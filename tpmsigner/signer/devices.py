@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..fsutil import ensure_private_dir, write_private_file
+from ..jsonutil import parse_json
 from ..protocol.channel import format_public_key, parse_public_key, public_key_fingerprint
 
 DEVICES_VERSION = 2
@@ -62,7 +63,7 @@ class DeviceRegistry:
         if not self.path.exists():
             return []
         try:
-            record = json.loads(self.path.read_text(encoding="utf-8"))
+            record = parse_json(self.path.read_text(encoding="utf-8"))
             version = record.get("version")
             if version not in READABLE_VERSIONS:
                 raise ValueError(f"unsupported version {version!r}")
