@@ -123,7 +123,7 @@ def _upstream(path_text: str | None, own_path: str) -> UpstreamAgent | None:
         probe.connect(str(path))
     except OSError as exc:
         logger.warning(
-            "the upstream agent at %s does not answer (%s); its keys are listed once it does",
+            "cannot reach the upstream agent at %s (%s); its keys are listed once it accepts connections",
             path,
             exc.strerror or exc,
         )

@@ -2,10 +2,10 @@
 
 Each client connection gets its own connection to the upstream agent,
 opened at the first request that needs it.  ssh binds an agent connection
-to one session (session-bind@openssh.com, PROTOCOL.agent), and OpenSSH's
-ssh-agent enforces a key's destination constraints against the bindings of
-the connection the request arrives on, so the upstream agent must see the
-same bindings on the same connection as it would without this agent.
+to one session (session-bind@openssh.com, PROTOCOL.agent).  OpenSSH's
+ssh-agent checks a key's destination constraints against the bindings of
+the connection that a request arrives on.  So the upstream agent must see
+the same bindings on one connection, as it would without this agent.
 
 Requests for upstream keys are forwarded byte for byte, flags included, and
 the upstream agent's reply is passed back unchanged.  When the upstream
@@ -26,6 +26,7 @@ from pathlib import Path
 from asyncssh.packet import Byte, PacketDecodeError, SSHPacket
 
 from tpmsigner.errors import TpmSignerError
+from tpmsigner.protocol.sshkeys import fingerprint_of_blob
 from tpmsigner.ratelimit import RateLimitedLogger
 
 from . import wire
@@ -175,7 +176,7 @@ class UpstreamSession:
             return wire.FAILURE
 
     async def forward_key_management(self, message: bytes, own_keys: Container[bytes]) -> bytes:
-        """Forward an add or remove request; refuse to remove a key that this agent's signers hold."""
+        """Forward an add or remove request; reject the removal of a key that this agent's signers hold."""
         if message[0] == SSH_AGENTC_REMOVE_IDENTITY:
             try:
                 packet = SSHPacket(message[1:])
@@ -185,7 +186,10 @@ class UpstreamSession:
                 logger.debug("malformed remove-identity request: %s", exc)
                 return wire.FAILURE
             if key_blob in own_keys:
-                logger.info("refused to remove a key that a signer holds; only upstream keys can be removed")
+                logger.info(
+                    "rejected the removal of key %s: a signer holds it, and only upstream keys can be removed",
+                    fingerprint_of_blob(key_blob),
+                )
                 return wire.FAILURE
         return await self.forward(message)
 

@@ -246,7 +246,7 @@ def test_agent_starts_before_upstream(chain: Chain, short_tmp_path: Path, tmp_pa
     finally:
         upstream.stop()
 
-    assert f"the upstream agent at {upstream.socket_path} does not answer" in agent.log_text()
+    assert f"cannot reach the upstream agent at {upstream.socket_path}" in agent.log_text()
     assert alone == [tpm_line]
     assert together == [tpm_line, file_key.public_key_line]
 

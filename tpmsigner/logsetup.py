@@ -35,8 +35,8 @@ def stderr_is_journal() -> bool:
 
     systemd sets JOURNAL_STREAM to the DEVICE:INODE of the stream it
     connects to stderr (systemd.exec(5)).  Comparing it with stderr's own
-    device and inode tells a redirected stderr, or one inherited by a child
-    that was given another stderr, from the journal.
+    device and inode distinguishes the journal from a redirected stderr, or
+    from the stderr of a child that was given another one.
     """
     value = os.environ.get("JOURNAL_STREAM", "")
     device, separator, inode = value.partition(":")
