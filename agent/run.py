@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tpmsigner.audit import AuditLog
 from tpmsigner.cliutil import serve_until_signal
-from tpmsigner.errors import ConfigError
+from tpmsigner.errors import ConfigError, TpmSignerError
 from tpmsigner.logsetup import configure_logging
 
 from . import daemon, shell
@@ -70,9 +70,17 @@ def command_run(args: argparse.Namespace, home: AgentHome) -> int:
 
     pid = os.fork()
     if pid:
-        listening.sock.close()
         if args.pid_file:
-            daemon.write_pid_file(Path(args.pid_file), pid)
+            try:
+                daemon.write_pid_file(Path(args.pid_file), pid)
+            except (OSError, TpmSignerError):
+                # Nobody could find or stop an agent whose pid was not
+                # printed, so stop it before reporting the error.
+                os.kill(pid, signal.SIGTERM)
+                os.waitpid(pid, 0)
+                _close(listening)
+                raise
+        listening.sock.close()
         print(shell.start_commands(syntax, listening.path, pid), end="")
         return 0
 

@@ -286,3 +286,17 @@ def test_start_commands_reject_paths_a_shell_cannot_read(syntax: str, path: str)
 def test_kill_commands_match_ssh_agent() -> None:
     assert kill_commands(SH, 7) == "unset SSH_AUTH_SOCK;\nunset SSH_AGENT_PID;\necho Agent pid 7 killed;\n"
     assert kill_commands(CSH, 7) == "unsetenv SSH_AUTH_SOCK;\nunsetenv SSH_AGENT_PID;\necho Agent pid 7 killed;\n"
+
+
+def test_unwritable_pid_file_stops_the_new_agent(chain: Chain, short_tmp_path: Path) -> None:
+    chain.pair()
+    socket_path = short_tmp_path / "agent.sock"
+    pid_file = short_tmp_path / "missing-directory" / "agent.pid"
+
+    result = agent_run(chain, "-a", str(socket_path), "--pid-file", str(pid_file))
+
+    assert result.returncode == 1
+    assert f"cannot write {pid_file}" in result.stderr
+    assert result.stdout == ""
+    # The background agent was stopped, and its socket removed.
+    assert not socket_path.exists()
