@@ -3,7 +3,9 @@
 The log lives in ``$XDG_STATE_HOME/tpmsigner-agent/audit.jsonl`` (mode
 0600) unless ``run --audit-log`` names another file.  ``tpmsigner-agent
 audit`` prints it and ``audit verify`` checks the chain; the format is that
-of ``tpmsigner.audit``.
+of ``tpmsigner.audit``.  A request forwarded to an upstream agent (``run
+--upstream``) has an ``upstream`` field with that agent's socket path, and
+the outcome ``signed`` when the upstream agent signed.
 """
 
 from __future__ import annotations
@@ -35,10 +37,12 @@ class AuditEntry:
         self.info = info
         self.evidence: BindingEvidence | None = None
         self.signer = ""
+        # The upstream agent's socket, for a request forwarded there.
+        self.upstream = ""
 
     def to_record(self, outcome: str, reason: str) -> dict[str, object]:
         evidence = self.evidence
-        return {
+        record: dict[str, object] = {
             "request_id": self.request_id,
             "pid": None if self.process.pid == UNKNOWN_ID else self.process.pid,
             "uid": None if self.process.uid == UNKNOWN_ID else self.process.uid,
@@ -58,3 +62,6 @@ class AuditEntry:
             "reason": reason,
             "latency_ms": round((time.monotonic() - self.started) * 1000),
         }
+        if self.upstream:
+            record["upstream"] = self.upstream
+        return record

@@ -4,25 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import logging
 import math
-import os
-import signal
-import socket
 import sys
 from pathlib import Path
 
 from tpmsigner import __version__
-from tpmsigner.cliutil import run_handler, serve_until_signal
+from tpmsigner.cliutil import add_verbosity_options, run_handler
 from tpmsigner.errors import ConfigError
 from tpmsigner.protocol.channel import format_public_key, public_key_fingerprint
 
 from tpmsigner.audit import AuditLog, print_audit
 
+from . import shell
 from .audit import default_audit_path
 from .config import DEFAULT_BROWSE_TIMEOUT, AgentHome, default_home
-from .socket_path import bind_agent_socket, default_socket_path
 
 logger = logging.getLogger("tpmsigner_agent")
 
@@ -106,68 +102,10 @@ def _check_browse_timeout(timeout: float) -> None:
         raise ConfigError(f"--timeout must be a positive, finite number of seconds, not {timeout}")
 
 
-def _serve(sock: socket.socket, path: Path, home: AgentHome, audit_path: Path) -> None:
-    from .server import AgentServer
-
-    signers = home.signers()
-    if not signers:
-        logger.warning("no signer is trusted yet; pin one with 'tpmsigner-agent trust NAME HOST:PORT KEY'")
-    server = AgentServer(signers, home.static_key(), AuditLog(audit_path))
-
-    async def start() -> None:
-        await server.start(sock)
-        logger.info("agent listening on %s for %d signer(s)", path, len(signers))
-        # asyncssh checks session bindings and known_hosts at the first ssh
-        # login; importing it takes longer than the agent may take to start,
-        # so it is imported now that the agent answers, not before.
-        asyncio.get_running_loop().run_in_executor(None, importlib.import_module, "asyncssh")
-
-    try:
-        serve_until_signal(start, server.close, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
-    finally:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
-        logger.info("agent stopped")
-
-
 def command_run(args: argparse.Namespace) -> int:
-    home = _home(args)
-    home.static_key()  # create the key now, so a problem shows before forking
-    home.signers()
-    if args.log_file and args.foreground:
-        raise ConfigError("--log-file applies to the background mode; in the foreground the log goes to stderr")
-    audit_path = Path(args.audit_log) if args.audit_log else default_audit_path()
-    path = Path(args.socket) if args.socket else default_socket_path()
-    sock = bind_agent_socket(path)
+    from .run import command_run as run
 
-    if args.foreground:
-        _serve(sock, path, home, audit_path)
-        return 0
-
-    pid = os.fork()
-    if pid:
-        sock.close()
-        print(f"SSH_AUTH_SOCK={path}; export SSH_AUTH_SOCK;")
-        print(f"SSH_AGENT_PID={pid}; export SSH_AGENT_PID;")
-        print(f"echo Agent pid {pid};")
-        return 0
-
-    # Like ssh-agent, the background agent lets go of the terminal and of
-    # the caller's pipes, so `eval "$(tpmsigner-agent run)"` and a caller
-    # that captures stderr both return at once.  Its log goes to --log-file.
-    os.setsid()
-    devnull = os.open(os.devnull, os.O_RDWR)
-    log_fd = os.open(args.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600) if args.log_file else devnull
-    os.dup2(devnull, 0)
-    os.dup2(devnull, 1)
-    os.dup2(log_fd, 2)
-    os.close(devnull)
-    try:
-        _serve(sock, path, home, audit_path)
-    finally:
-        os._exit(0)
+    return run(args, _home(args))
 
 
 def command_audit(args: argparse.Namespace) -> int:
@@ -191,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--home", help="agent state directory (default: $TPMSIGNER_AGENT_HOME, else $XDG_DATA_HOME/tpmsigner-agent)"
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    add_verbosity_options(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     id_parser = commands.add_parser("id", help="print this agent's Noise public key")
@@ -227,15 +165,50 @@ def build_parser() -> argparse.ArgumentParser:
     _add_browse_options(discover, "seconds to listen for advertisements")
     discover.set_defaults(handler=command_discover)
 
-    run = commands.add_parser("run", help="serve the ssh-agent protocol on a UNIX socket")
-    run.add_argument("--socket", help="socket path (default: a new directory under $XDG_RUNTIME_DIR or /tmp)")
+    run = commands.add_parser(
+        "run",
+        help="serve the ssh-agent protocol on a UNIX socket",
+        description="Serve the ssh-agent protocol on a UNIX socket. Without -D it forks, prints shell commands "
+        "that set SSH_AUTH_SOCK and SSH_AGENT_PID, and exits, as ssh-agent does. Under systemd socket "
+        "activation it serves the socket it was given, in the foreground.",
+    )
     run.add_argument(
-        "--foreground", action="store_true", help="stay in the foreground instead of printing SSH_AUTH_SOCK and forking"
+        "-a", "--socket", metavar="PATH", help="socket path (default: a new directory under $XDG_RUNTIME_DIR or /tmp)"
+    )
+    run.add_argument(
+        "-D",
+        "--foreground",
+        action="store_true",
+        help="stay in the foreground instead of printing SSH_AUTH_SOCK and forking; log to stderr",
+    )
+    run.add_argument("-d", "--debug", action="store_true", help="stay in the foreground and log debug messages")
+    syntax = run.add_mutually_exclusive_group()
+    syntax.add_argument(
+        "-s", dest="shell", action="store_const", const=shell.SH, help="print Bourne shell commands (the default unless $SHELL ends in csh); in the foreground, print them only with -s or -c"
+    )
+    syntax.add_argument(
+        "-c", dest="shell", action="store_const", const=shell.CSH, help="print C shell commands (the default when $SHELL ends in csh)"
+    )
+    run.add_argument(
+        "-k",
+        "--kill",
+        action="store_true",
+        help="stop the agent named by --pid-file, else by $SSH_AGENT_PID, and print commands that unset the variables",
+    )
+    run.add_argument(
+        "--pid-file", metavar="FILE", help="write the agent's pid to FILE, removed when it stops; with -k, stop that agent"
+    )
+    run.add_argument(
+        "--upstream",
+        metavar="SOCKET",
+        help="also offer the keys of the ssh-agent listening on SOCKET (OpenSSH's, gpg-agent's), "
+        "for example --upstream \"$SSH_AUTH_SOCK\"",
     )
     run.add_argument("--log-file", help="in the background, append the log to this file (default: discard it)")
     run.add_argument(
         "--audit-log", help="audit log file (default: $XDG_STATE_HOME/tpmsigner-agent/audit.jsonl)"
     )
+    add_verbosity_options(run, subcommand=True)
     run.set_defaults(handler=command_run)
 
     audit = commands.add_parser("audit", help="print the audit log, or check it with 'audit verify'")
@@ -261,7 +234,10 @@ def _add_browse_options(parser: argparse.ArgumentParser, timeout_help: str) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_handler("tpmsigner-agent", build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    if getattr(args, "debug", False):
+        args.verbose = True
+    return run_handler("tpmsigner-agent", args)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from .destination import BindingRejected, ConnectionBindings, evidence_for
 from .peer import PeerCredentials, peer_credentials, process_arguments, process_info
 from .signer_client import SignerClient, SignerUnavailableError
 from .socket_path import LISTEN_BACKLOG
+from .upstream import FORWARDED_KEY_MANAGEMENT, UpstreamAgent, UpstreamSession
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +48,16 @@ MAX_REMEMBERED_KEYS = 4 * wire.MAX_IDENTITIES
 class AgentServer:
     """Serves the ssh-agent protocol on a UNIX socket for a set of signers."""
 
-    def __init__(self, signers: list[PinnedSigner], static_key: StaticKey, audit_log: AuditLog | None = None) -> None:
+    def __init__(
+        self,
+        signers: list[PinnedSigner],
+        static_key: StaticKey,
+        audit_log: AuditLog | None = None,
+        upstream: UpstreamAgent | None = None,
+    ) -> None:
         self.clients = [SignerClient(signer, static_key) for signer in signers]
         self.audit_log = audit_log
+        self.upstream = upstream
         self._audit_ids = itertools.count(1)
         # The signer that last listed each key, least recently listed first.
         self._key_owner: OrderedDict[bytes, SignerClient] = OrderedDict()
@@ -59,6 +67,8 @@ class AgentServer:
         self._refusal_log = RateLimitedLogger(logger)
         self._connection_limit_log = RateLimitedLogger(logger)
         self._listing_limit_log = RateLimitedLogger(logger)
+        # Warnings that a client can cause by what it sends.
+        self._peer_log = RateLimitedLogger(logger)
 
     async def start(self, sock: socket.socket) -> None:
         """Serve on an already bound and listening UNIX socket."""
@@ -91,15 +101,18 @@ class AgentServer:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
+        upstream = self.upstream.open_session() if self.upstream is not None else None
         try:
             if not self._peer_allowed(credentials):
                 return
-            await self._serve(reader, writer, credentials)
+            await self._serve(reader, writer, credentials, upstream)
         except asyncio.CancelledError:
             pass
         finally:
             self._connections.discard(task)
             writer.close()
+            if upstream is not None:
+                upstream.close()
 
     def _peer_allowed(self, credentials: PeerCredentials | None) -> bool:
         """Accept only the agent's own uid and root, as OpenSSH's ssh-agent does.
@@ -124,7 +137,11 @@ class AgentServer:
         return True
 
     async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, credentials: PeerCredentials | None
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        credentials: PeerCredentials | None,
+        upstream: UpstreamSession | None = None,
     ) -> None:
         bindings = ConnectionBindings()
         while True:
@@ -134,7 +151,7 @@ class AgentServer:
                 first = await reader.readexactly(1)
                 header = first + await asyncio.wait_for(reader.readexactly(3), MESSAGE_BODY_TIMEOUT)
             except asyncio.TimeoutError:
-                logger.warning("client sent part of a message header, then stalled; closing")
+                self._peer_log.warning("client sent part of a message header, then stalled; closing")
                 return
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
@@ -143,20 +160,20 @@ class AgentServer:
             if length == 0 or length > wire.MAX_MESSAGE_LENGTH:
                 # The stream cannot be resynchronised after a bad length, so
                 # reply once and close, as OpenSSH's ssh-agent closes too.
-                logger.warning("client sent a message length of %d bytes; closing the connection", length)
+                self._peer_log.warning("client sent a message length of %d bytes; closing the connection", length)
                 await self._write(writer, wire.FAILURE)
                 return
 
             try:
                 message = await asyncio.wait_for(reader.readexactly(length), MESSAGE_BODY_TIMEOUT)
             except asyncio.TimeoutError:
-                logger.warning("client started a %d-byte message but did not finish it; closing", length)
+                self._peer_log.warning("client started a %d-byte message but did not finish it; closing", length)
                 return
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
 
             try:
-                reply = await self._handle(message, credentials, bindings)
+                reply = await self._handle(message, credentials, bindings, upstream)
             except Exception:  # noqa: BLE001 - a bug must cost one request, not the connection
                 logger.exception("handling a message of type %d failed with an unexpected error", message[0])
                 reply = wire.FAILURE
@@ -172,60 +189,78 @@ class AgentServer:
         return True
 
     async def _handle(
-        self, message: bytes, credentials: PeerCredentials | None, bindings: ConnectionBindings
+        self,
+        message: bytes,
+        credentials: PeerCredentials | None,
+        bindings: ConnectionBindings,
+        upstream: UpstreamSession | None = None,
     ) -> bytes:
         message_type, body = message[0], message[1:]
         if message_type == wire.SSH_AGENTC_REQUEST_IDENTITIES:
-            return await self._list_identities()
+            return await self._list_identities(upstream)
         if message_type == wire.SSH_AGENTC_SIGN_REQUEST:
-            return await self._sign(body, credentials, bindings)
+            return await self._sign(body, credentials, bindings, upstream)
         if message_type == wire.SSH_AGENTC_EXTENSION:
-            return self._extension(body, bindings)
+            return await self._extension(body, bindings, upstream)
+        if upstream is not None and message_type in FORWARDED_KEY_MANAGEMENT:
+            return await upstream.forward_key_management(message, self._key_owner)
 
         # Adding keys, locking and smartcards fail politely: the keys live
         # on the signer, not here.
         logger.debug("replying SSH_AGENT_FAILURE to message type %d", message_type)
         return wire.FAILURE
 
-    def _extension(self, body: bytes, bindings: ConnectionBindings) -> bytes:
+    async def _extension(self, body: bytes, bindings: ConnectionBindings, upstream: UpstreamSession | None) -> bytes:
         """Handle SSH_AGENTC_EXTENSION (PROTOCOL.agent, "extension mechanism")."""
         try:
             name, contents = wire.decode_extension(body)
         except ProtocolError as exc:
-            logger.warning("malformed extension request: %s", exc)
+            self._peer_log.warning("malformed extension request: %s", exc)
             return wire.FAILURE
 
         if name == wire.QUERY_EXTENSION:
             return wire.encode_query_reply([wire.QUERY_EXTENSION, SESSION_BIND_EXTENSION])
         if name != SESSION_BIND_EXTENSION:
+            if upstream is not None:
+                return await upstream.forward(bytes([wire.SSH_AGENTC_EXTENSION]) + body)
             logger.debug("unsupported extension %r", name[:64])
             return wire.FAILURE
 
         try:
             bind = decode_session_bind(contents)
         except ProtocolError as exc:
-            logger.warning("%s", exc)
+            self._peer_log.warning("%s", exc)
             return wire.FAILURE
         if not verify_session_bind(bind):
-            logger.warning("session-bind with host key %s has a bad signature; rejected", bind.host_key_fingerprint)
+            self._peer_log.warning(
+                "session-bind with host key %s has a bad signature; rejected", bind.host_key_fingerprint
+            )
             return wire.EXTENSION_FAILURE
         try:
             bindings.add(bind)
         except BindingRejected as exc:
-            logger.warning("session-bind with host key %s rejected: %s", bind.host_key_fingerprint, exc)
+            self._peer_log.warning("session-bind with host key %s rejected: %s", bind.host_key_fingerprint, exc)
             return wire.FAILURE
         logger.debug("connection bound to host key %s (forwarding: %s)", bind.host_key_fingerprint, bind.is_forwarding)
+        if upstream is not None:
+            # The upstream agent checks its keys' destination constraints
+            # against the bindings of its own connection.
+            await upstream.bind(bytes([wire.SSH_AGENTC_EXTENSION]) + body)
         return wire.SUCCESS
 
-    async def _list_identities(self) -> bytes:
-        results = await asyncio.gather(*(client.list_identities() for client in self.clients), return_exceptions=True)
+    async def _list_identities(self, upstream: UpstreamSession | None = None) -> bytes:
+        results, upstream_identities = await asyncio.gather(
+            asyncio.gather(*(client.list_identities() for client in self.clients), return_exceptions=True),
+            upstream.list_identities() if upstream is not None else _no_identities(),
+        )
         identities: list[tuple[bytes, str]] = []
         owners: dict[bytes, SignerClient] = {}
+        upstream_seen: set[bytes] = set()
         failed: list[SignerClient] = []
         for client, result in zip(self.clients, results):
             if isinstance(result, BaseException):
                 failed.append(client)
-                logger.warning("listing keys of signer %r failed: %s", client.signer.name, result)
+                self._peer_log.warning("listing keys of signer %r failed: %s", client.signer.name, result)
                 continue
             for blob, label in result:
                 # A key offered by two pinned signers (or one signer pinned
@@ -241,7 +276,14 @@ class AgentServer:
         while len(self._key_owner) > max(MAX_REMEMBERED_KEYS, len(owners)):
             self._key_owner.popitem(last=False)
 
-        if self.clients and len(failed) == len(self.clients):
+        # This agent's keys come first and win over an upstream key with the
+        # same blob, so their use is always approved on the signer.
+        for blob, label in upstream_identities or []:
+            if blob not in owners and blob not in upstream_seen:
+                upstream_seen.add(blob)
+                identities.append((blob, label))
+
+        if self.clients and len(failed) == len(self.clients) and upstream_identities is None:
             return wire.FAILURE
         answer = wire.encode_identities_answer(identities)
         if len(identities) > wire.MAX_IDENTITIES or len(answer) > wire.MAX_MESSAGE_LENGTH:
@@ -264,11 +306,17 @@ class AgentServer:
             await self._list_identities()
         return self._key_owner.get(key_blob)
 
-    async def _sign(self, body: bytes, credentials: PeerCredentials | None, bindings: ConnectionBindings) -> bytes:
+    async def _sign(
+        self,
+        body: bytes,
+        credentials: PeerCredentials | None,
+        bindings: ConnectionBindings,
+        upstream: UpstreamSession | None = None,
+    ) -> bytes:
         try:
             request = wire.decode_sign_request(body)
         except ProtocolError as exc:
-            logger.warning("malformed sign request (%d bytes): %s", len(body), exc)
+            self._peer_log.warning("malformed sign request (%d bytes): %s", len(body), exc)
             return wire.FAILURE
 
         request_id = next(self._audit_ids)
@@ -277,6 +325,8 @@ class AgentServer:
         info = describe_signed_data(request.data, request.key_blob)
         fingerprint = fingerprint_of_blob(request.key_blob)
         audit = AuditEntry(request_id, started, process, fingerprint, info)
+        if upstream is not None and await self._is_upstream_key(request.key_blob, upstream):
+            return await self._sign_upstream(bytes([wire.SSH_AGENTC_SIGN_REQUEST]) + body, audit, upstream)
 
         evidence = None
         if info.purpose == PURPOSE_SSH_LOGIN:
@@ -285,7 +335,9 @@ class AgentServer:
                     bindings, info, process_arguments(credentials), credentials.uid if credentials else None
                 )
             except BindingRejected as exc:
-                logger.warning("sign request from %s for key %s rejected: %s", process.describe(), fingerprint, exc)
+                self._peer_log.warning(
+                    "sign request from %s for key %s rejected: %s", process.describe(), fingerprint, exc
+                )
                 self._record(audit, "error", str(exc))
                 return wire.FAILURE
         audit.evidence = evidence
@@ -326,6 +378,20 @@ class AgentServer:
         self._record(audit, "approved", "")
         return wire.encode_sign_response(signature)
 
+    async def _is_upstream_key(self, key_blob: bytes, upstream: UpstreamSession) -> bool:
+        """Tell whether a sign request goes upstream: for any key that no signer of this agent holds."""
+        if key_blob in self._key_owner:
+            return False
+        if upstream.agent.listed(key_blob):
+            return True
+        return await self._owner_of(key_blob) is None
+
+    async def _sign_upstream(self, message: bytes, audit: AuditEntry, upstream: UpstreamSession) -> bytes:
+        audit.upstream = str(upstream.agent.path)
+        result = await upstream.sign(message, audit)
+        self._record(audit, result.outcome, result.reason)
+        return result.reply
+
     def _record(self, entry: AuditEntry, outcome: str, reason: str) -> None:
         if self.audit_log is None:
             return
@@ -333,3 +399,7 @@ class AgentServer:
             self.audit_log.append(entry.to_record(outcome, reason))
         except (OSError, TpmSignerError) as exc:
             logger.error("the audit record of sign request %d was not written: %s", entry.request_id, exc)
+
+
+async def _no_identities() -> None:
+    return None

@@ -35,7 +35,9 @@ from .protocol.messages import FailureCode
 GENESIS = "0" * 64
 
 # Outcomes a request can end with, as recorded in the ``outcome`` field.
-OUTCOMES = ("approved", "denied", "wrong_pin", "locked_out", "timed_out", "unreachable", "error")
+# "signed" is a request that the agent forwarded to an upstream ssh-agent,
+# which signed it without a tpmsigner approval.
+OUTCOMES = ("approved", "denied", "wrong_pin", "locked_out", "timed_out", "unreachable", "error", "signed")
 
 _OUTCOMES_BY_FAILURE = {
     FailureCode.DENIED: "denied",
@@ -248,6 +250,8 @@ def print_audit(records: list[dict[str, object]], since: str | None = None, as_j
         # Fields are formatted with str(): a damaged or edited line may hold
         # any JSON value where a string belongs.
         outcome = str(record.get("outcome", "?"))
+        if record.get("upstream"):
+            where += f" (upstream agent {record['upstream']})"
         print(
             f"{record.get('time')}  {outcome:<11}  {record.get('purpose', '?')}{where}  "
             f"key {record.get('key_fingerprint', '?')}  by {who}"

@@ -7,7 +7,7 @@ import os
 import sys
 
 from . import __version__
-from .cliutil import run_handler
+from .cliutil import add_verbosity_options, run_handler
 
 
 def _configure_tss_logging() -> None:
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="TPM connection, e.g. device:/dev/tpmrm0 or swtpm:host=127.0.0.1,port=2321 "
         "(default: $TPMSIGNER_TCTI, else $TPM2TOOLS_TCTI, else device:/dev/tpmrm0)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    add_verbosity_options(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     identities.add_parsers(commands)
     certificates.add_parsers(commands)

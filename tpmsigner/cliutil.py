@@ -4,21 +4,35 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 from typing import Awaitable, Callable
 
 from .errors import TpmSignerError
+from .logsetup import configure_logging, level_for
+
+
+def add_verbosity_options(parser: argparse.ArgumentParser, *, subcommand: bool = False) -> None:
+    """Add -v (debug messages) and -q (warnings and errors only).
+
+    A subcommand's copy has no default, so that ``-v`` given before the
+    subcommand is not reset by the subcommand's own parser.
+    """
+    default: object = argparse.SUPPRESS if subcommand else False
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", default=default, help="log debug messages")
+    group.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="log only warnings and errors"
+    )
 
 
 def run_handler(program: str, args: argparse.Namespace) -> int:
     """Set up logging, run ``args.handler``, and turn expected errors into one line."""
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
+    verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    if verbose and quiet:
+        print(f"{program}: error: -v and -q cannot be used together", file=sys.stderr)
+        return 2
+    configure_logging(level_for(verbose, quiet))
     try:
         return args.handler(args)
     except (TpmSignerError, ValueError) as exc:

@@ -282,8 +282,17 @@ class Chain:
         self._wait_for_log(signer, "signer listening on")
         return signer
 
-    def start_agent(self) -> ManagedProcess:
-        argv = [*AGENT_COMMAND, "--home", str(self.agent_home), "run", "--socket", str(self.agent_socket), "--foreground"]
+    def start_agent(self, *extra_args: str) -> ManagedProcess:
+        argv = [
+            *AGENT_COMMAND,
+            "--home",
+            str(self.agent_home),
+            "run",
+            "--socket",
+            str(self.agent_socket),
+            "--foreground",
+            *extra_args,
+        ]
         agent = self._spawn("agent", argv)
         self.agent = agent
         self._wait_for_log(agent, "agent listening on")

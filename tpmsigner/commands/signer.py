@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..audit import AuditLog
-from ..cliutil import serve_until_signal
+from ..cliutil import add_verbosity_options, serve_until_signal
 from ..discovery import SIGNER_SERVICE, Advertiser
 from ..errors import ConfigError
 from ..fsutil import ensure_private_dir
@@ -194,6 +194,7 @@ def add_parsers(commands) -> None:
         "once an approver was asked",
     )
     add_mdns_options(serve, "_tpmsigner._tcp")
+    add_verbosity_options(serve, subcommand=True)
     serve.set_defaults(handler=command_serve)
 
 
