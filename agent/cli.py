@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tpmsigner import __version__
 from tpmsigner.cliutil import run_handler, serve_until_signal
+from tpmsigner.config_file import parse_args_with_config
 from tpmsigner.errors import ConfigError
 from tpmsigner.protocol.channel import format_public_key, public_key_fingerprint
 
@@ -260,7 +261,7 @@ def _add_browse_options(parser: argparse.ArgumentParser, timeout_help: str) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_handler("tpmsigner-agent", build_parser().parse_args(argv))
+    return run_handler("tpmsigner-agent", parse_args_with_config(build_parser(), argv))
 
 
 if __name__ == "__main__":
