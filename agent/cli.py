@@ -21,6 +21,7 @@ from tpmsigner.audit import AuditLog, print_audit
 
 from .audit import default_audit_path
 from .config import AgentHome, default_home
+from . import signers_command
 from .discovery import DEFAULT_BROWSE_TIMEOUT
 from .socket_path import bind_agent_socket, default_socket_path
 
@@ -205,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     trust.add_argument("key", help="the signer's key, as 'tpmsigner id' prints it")
     trust.add_argument("--replace", action="store_true", help="replace the key of an already pinned signer NAME")
     trust.set_defaults(handler=command_trust)
+    signers_command.add_parsers(commands)
 
     pair = commands.add_parser("pair", help="pair with a signer's 'tpmsigner pair' window by comparing a code")
     pair.add_argument(
