@@ -36,6 +36,9 @@ CONFIG_FILE_NAME = "config.toml"
 # on disk next to it for every command.
 NOT_CONFIGURABLE = frozenset({"help", "version", "config", "yes", "replace", "pin_file", "new_pin_file"})
 
+# What _convert returns for a flag set to false: keep the parser's default.
+_LEAVE_DEFAULT = object()
+
 
 @dataclass(frozen=True)
 class ConfigOption:
@@ -86,8 +89,8 @@ def find_config_argument(parser: argparse.ArgumentParser, argv: list[str]) -> st
 
     The file must be read before argparse parses ``argv``, because its values
     become the defaults of that parse.  ``--config`` is a global option, so
-    only the arguments before the subcommand are scanned; argparse rejects a
-    ``--config`` after it as an unknown option of the subcommand.
+    only the arguments before the subcommand are scanned.  argparse itself
+    rejects a ``--config`` after the subcommand as an unknown option.
     """
     takes_value = {name for action in parser._actions if action.nargs != 0 for name in action.option_strings}
     names = set(subcommands(parser))
@@ -191,9 +194,6 @@ def _apply_option(option: ConfigOption, value: Any, where: str) -> None:
     # A required option is satisfied by the file: argparse checks only
     # whether a required option was seen, so it must stop being required.
     action.required = False
-
-
-_LEAVE_DEFAULT = object()
 
 
 def _convert(action: argparse.Action, value: Any, where: str) -> Any:
