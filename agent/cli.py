@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tpmsigner import __version__
 from tpmsigner.cliutil import add_verbosity_options, run_handler
+from tpmsigner.config_file import parse_args_with_config
 from tpmsigner.errors import ConfigError
 from tpmsigner.protocol.channel import format_public_key, public_key_fingerprint
 
@@ -18,6 +19,7 @@ from tpmsigner.audit import AuditLog, print_audit
 
 from . import shell
 from .audit import default_audit_path
+from . import signers_command
 from .config import DEFAULT_BROWSE_TIMEOUT, AgentHome, default_home
 
 logger = logging.getLogger("tpmsigner_agent")
@@ -143,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     trust.add_argument("key", help="the signer's key, as 'tpmsigner id' prints it")
     trust.add_argument("--replace", action="store_true", help="replace the key of an already pinned signer NAME")
     trust.set_defaults(handler=command_trust)
+    signers_command.add_parsers(commands)
 
     pair = commands.add_parser("pair", help="pair with a signer's 'tpmsigner pair' window by comparing a code")
     pair.add_argument(
@@ -234,7 +237,7 @@ def _add_browse_options(parser: argparse.ArgumentParser, timeout_help: str) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args_with_config(build_parser(), argv)
     if getattr(args, "debug", False):
         args.verbose = True
     return run_handler("tpmsigner-agent", args)

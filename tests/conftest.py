@@ -59,6 +59,14 @@ def _test_failed(request: pytest.FixtureRequest) -> bool:
     )
 
 
+@pytest.fixture(autouse=True)
+def isolated_config_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point $XDG_CONFIG_HOME at an empty directory, so that no configuration file of the user changes a test."""
+    config_home = tmp_path / "xdg-config"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(config_home))
+    return config_home
+
+
 @pytest.fixture
 def short_tmp_path() -> Iterator[Path]:
     """A new directory with a short path under /tmp, for Unix sockets.

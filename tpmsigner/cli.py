@@ -8,6 +8,7 @@ import sys
 
 from . import __version__
 from .cliutil import add_verbosity_options, run_handler
+from .config_file import parse_args_with_config
 
 
 def _configure_tss_logging() -> None:
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _configure_tss_logging()
-    return run_handler("tpmsigner", build_parser().parse_args(argv))
+    return run_handler("tpmsigner", parse_args_with_config(build_parser(), argv))
 
 
 if __name__ == "__main__":

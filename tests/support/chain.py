@@ -119,6 +119,9 @@ class Chain:
         self.set_approver_pin("")
         self.agent_socket = self.socket_dir / "agent.sock"
         self.agent_audit_log = self.workdir / "state" / "tpmsigner-agent" / "audit.jsonl"
+        # $XDG_CONFIG_HOME of every command: empty unless a test writes
+        # tpmsigner/config.toml or tpmsigner-agent/config.toml in it.
+        self.config_home = self.workdir / "config"
         self.signer_audit_log = self.signer_home / "audit.jsonl"
         self._logs = 0
 
@@ -153,6 +156,7 @@ class Chain:
         environment["TPMSIGNER_TCTI"] = self.tcti
         # The agent's audit log goes under $XDG_STATE_HOME.
         environment["XDG_STATE_HOME"] = str(self.workdir / "state")
+        environment["XDG_CONFIG_HOME"] = str(self.config_home)
         environment.pop("TPMSIGNER_HOME", None)
         environment.pop("TPMSIGNER_AGENT_HOME", None)
         environment.update(self.extra_environment)
