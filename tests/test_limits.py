@@ -551,7 +551,7 @@ class FakeClock:
 
 def test_handshake_attempts_admitted_after_window() -> None:
     clock = FakeClock()
-    limiter = admission.HandshakeAdmission(clock)
+    limiter = admission.HandshakeAdmission(clock=clock)
     for _ in range(admission.MAX_HANDSHAKE_ATTEMPTS):
         assert limiter.admit("192.0.2.1") is None
         limiter.finish("192.0.2.1")
@@ -564,7 +564,7 @@ def test_handshake_attempts_admitted_after_window() -> None:
 
 
 def test_admission_forgets_least_recent_addresses() -> None:
-    limiter = admission.HandshakeAdmission(FakeClock())
+    limiter = admission.HandshakeAdmission(clock=FakeClock())
     for number in range(admission.MAX_TRACKED_ADDRESSES + 10):
         address = f"10.{number // 65536}.{number // 256 % 256}.{number % 256}"
         assert limiter.admit(address) is None

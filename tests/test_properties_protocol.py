@@ -247,6 +247,9 @@ def userauth_requests(draw: st.DrawFn) -> tuple[bytes, bytes, dict[str, object]]
         "service": draw(st.text(alphabet=st.characters(codec="ascii"), max_size=16)),
     }
     method = draw(st.sampled_from(USERAUTH_METHODS))
+    # RFC 4251 section 6: algorithm names are US-ASCII, and the signer
+    # treats a request with any other name as unknown data.
+    algorithm = draw(st.text(alphabet=st.characters(codec="ascii"), max_size=24))
     host_key = draw(blobs) if method == USERAUTH_METHODS[1] else None
     data = (
         String(fields["session_id"])
@@ -255,7 +258,7 @@ def userauth_requests(draw: st.DrawFn) -> tuple[bytes, bytes, dict[str, object]]
         + String(fields["service"])
         + String(method)
         + Boolean(True)
-        + String(draw(ssh_strings(24)))
+        + String(algorithm)
         + String(key_blob)
         + (String(host_key) if host_key is not None else b"")
     )

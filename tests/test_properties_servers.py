@@ -120,7 +120,9 @@ class AgentInThread:
 def signer_chain(chain: Chain) -> Chain:
     chain.keygen("work", PIN)
     chain.pair()
-    chain.start_signer(approver="command:/bin/false")
+    # Every example opens a new connection, far more than the default
+    # handshake limit per address allows.
+    chain.start_signer("--max-handshakes-per-minute", "100000", approver="command:/bin/false")
     return chain
 
 

@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from ..fsutil import ensure_private_dir
 from ..protocol.channel import StaticKey, format_public_key, parse_public_key, public_key_fingerprint
 from ..signer.approvers import DEFAULT_APPROVAL_TIMEOUT, Approver, approver_from_spec, check_approver
+from ..signer.admission import MAX_HANDSHAKE_ATTEMPTS
 from ..signer.devices import DeviceRegistry
 from ..signer.notify import DesktopNotifier
 from ..signer.refusals import DEFAULT_REFUSAL_LIMIT, DEFAULT_REFUSAL_PAUSE, MAX_REFUSAL_PAUSE, RefusalPolicy
@@ -65,6 +66,8 @@ def command_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--refusal-limit must be at least 1, not {args.refusal_limit}")
     if not math.isfinite(args.refusal_pause) or not 0 < args.refusal_pause <= MAX_REFUSAL_PAUSE:
         raise ConfigError(f"--refusal-pause must be between 0 and {MAX_REFUSAL_PAUSE:g} seconds, not {args.refusal_pause}")
+    if args.max_handshakes_per_minute < 1:
+        raise ConfigError(f"--max-handshakes-per-minute must be at least 1, not {args.max_handshakes_per_minute}")
     if not math.isfinite(args.tpm_timeout) or args.tpm_timeout <= 0:
         raise ConfigError(f"--tpm-timeout must be a positive, finite number of seconds, not {args.tpm_timeout}")
     config = SignerConfig(
@@ -72,6 +75,7 @@ def command_serve(args: argparse.Namespace) -> int:
         port=port,
         approval_timeout=args.approval_timeout,
         refusals=RefusalPolicy(limit=args.refusal_limit, pause=args.refusal_pause),
+        handshake_attempts=args.max_handshakes_per_minute,
     )
     approver = approver_from_spec(args.approver, timeout=args.approval_timeout)
     check_approver(approver)
@@ -179,6 +183,14 @@ def add_parsers(commands) -> None:
         metavar="SECONDS",
         help="the first such pause; it doubles with each further refusal, up to "
         f"{MAX_REFUSAL_PAUSE:g} s (default: {DEFAULT_REFUSAL_PAUSE:g})",
+    )
+    serve.add_argument(
+        "--max-handshakes-per-minute",
+        type=int,
+        default=MAX_HANDSHAKE_ATTEMPTS,
+        metavar="N",
+        help="close connections from a source address beyond N handshake attempts in any 60 s "
+        f"(default: {MAX_HANDSHAKE_ATTEMPTS})",
     )
     serve.add_argument(
         "--tpm-timeout",

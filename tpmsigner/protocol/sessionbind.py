@@ -80,14 +80,16 @@ def verify_session_bind(bind: SessionBind) -> bool:
     # asyncssh knows every host key type OpenSSH signs with; it is imported
     # here, not at start, because importing it takes longer than the agent
     # may take to start (the agent imports it in the background once it
-    # listens: tpmsigner_agent.cli).
+    # listens: tpmsigner_agent.run).
     import asyncssh
     from asyncssh.public_key import decode_ssh_public_key
 
     try:
         host_key = decode_ssh_public_key(bind.host_key)
         return bool(host_key.verify(bind.session_id, bind.signature))
-    except (asyncssh.KeyImportError, ValueError):
+    # asyncssh 2.24 lets cryptography's OverflowError through for an RSA
+    # key whose modulus is a negative mpint.
+    except (asyncssh.KeyImportError, ValueError, OverflowError):
         return False
 
 

@@ -42,7 +42,8 @@ class HandshakeAdmission:
     ``admit`` and ``finish`` run on the event loop thread only.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, max_attempts: int = MAX_HANDSHAKE_ATTEMPTS, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_attempts = max_attempts
         self._clock = clock
         self._in_progress: dict[str, int] = {}
         self._total_in_progress = 0
@@ -71,8 +72,8 @@ class HandshakeAdmission:
             attempts.popleft()
         # Re-inserting moves the address to the most recently used end.
         self._attempts[address] = attempts
-        if len(attempts) >= MAX_HANDSHAKE_ATTEMPTS:
-            return f"more than {MAX_HANDSHAKE_ATTEMPTS} handshake attempts from this address in {HANDSHAKE_WINDOW:g} s"
+        if len(attempts) >= self.max_attempts:
+            return f"more than {self.max_attempts} handshake attempts from this address in {HANDSHAKE_WINDOW:g} s"
 
         attempts.append(now)
         while len(self._attempts) > MAX_TRACKED_ADDRESSES:

@@ -48,7 +48,7 @@ from ..identities import sign_data
 from .destination import DestinationError, check_destination
 from ..store import Identity, KeyStore
 from ..tpm import LockoutStatus, Tpm
-from .admission import HandshakeAdmission
+from .admission import MAX_HANDSHAKE_ATTEMPTS, HandshakeAdmission
 from .approvers import DEFAULT_APPROVAL_TIMEOUT, ApprovalRequest, Approver
 from .certificate_use import certificate_in_use
 from .devices import Device, DeviceRegistry
@@ -90,6 +90,7 @@ class SignerConfig:
     port: int
     approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT
     refusals: RefusalPolicy = field(default_factory=RefusalPolicy)
+    handshake_attempts: int = MAX_HANDSHAKE_ATTEMPTS    # per source address per minute
 
 
 class SignerServer:
@@ -122,7 +123,7 @@ class SignerServer:
         # Anyone who can reach the port can fail a handshake, as often as
         # they like, so those warnings are rate-limited.
         self._handshake_log = RateLimitedLogger(logger)
-        self._admission = HandshakeAdmission()
+        self._admission = HandshakeAdmission(config.handshake_attempts)
         self._admission_log = RateLimitedLogger(logger)
         self._device_limit_log = RateLimitedLogger(logger)
         self.listing_limit_log = RateLimitedLogger(logger, limit=1)
