@@ -161,7 +161,7 @@ def test_row1_attributes_are_checked_on_every_load(swtpm, tmp_path) -> None:
         assert tpm.lockout_status().failed_tries == 0
 
 
-# ---- row 2: the agent host holds public data and its own Noise key only -----
+# ---- row 2: the agent host stores public data and its own Noise key only ----
 
 
 def test_row2_agent_home_holds_no_key_material(chain: Chain, sshd_factory, tmp_path) -> None:
@@ -272,7 +272,7 @@ class _RecordingKey(asyncssh.SSHKeyPair):
 
 
 class _ReplayKey(asyncssh.SSHKeyPair):
-    """An asyncssh client key that answers every challenge with one captured signature."""
+    """An asyncssh client key that returns one captured signature for every challenge."""
 
     def __init__(self, template: asyncssh.SSHKeyPair, signature: bytes) -> None:
         super().__init__(
@@ -463,7 +463,7 @@ def test_row7_flood_prompts_each_time_then_device_is_paused(chain: Chain) -> Non
     assert "signed with" not in log
     assert "refusing its requests without asking for 4 s" in log
 
-    # During the pause a request gets a refusal that says why, with no prompt.
+    # During the pause a request is rejected with the reason, and no prompt.
     started = time.monotonic()
     with pytest.raises(ValueError):
         sign_through_agent(chain, public_line, b"during the pause")

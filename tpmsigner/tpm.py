@@ -592,7 +592,8 @@ class Tpm:
         with self._lock:
             try:
                 self._current_context()
-                status = self._lockout_status()
+                # sign_digest reuses a recent clear status in the same way.
+                status = self.recent_lockout_status() or self._lockout_status()
                 if not status.in_lockout:
                     self._parent(parent)
                     self._hmac_session(parent)

@@ -44,7 +44,7 @@ class _Streak:
 
 
 class RefusalTracker:
-    """Counts refusals in a row per device key and tells when a device is paused."""
+    """Refusal counts in a row per device key, and the pauses they start."""
 
     def __init__(self, policy: RefusalPolicy, clock: Callable[[], float] = time.monotonic) -> None:
         self.policy = policy
