@@ -34,13 +34,15 @@ from tpm2_pytss.types import (
 
 from tpmsigner.protocol.sshkeys import EcdsaPublicKey, encode_ecdsa_signature
 from tpmsigner.templates import srk_ecc_p256_template
-from tpmsigner.tpm import PARENT_OWNER, TpmKeyBlob
+from tpmsigner import tpmsession
+from tpmsigner.tpm import PARENT_OWNER, TpmKeyBlob, _raw_signature
 
 
 ENCRYPTED_SESSION = "salted HMAC session with parameter encryption"
 HMAC_SESSION = "salted HMAC session"
 PASSWORD = "password"
-AUTHORIZATIONS = (PASSWORD, HMAC_SESSION, ENCRYPTED_SESSION)
+OWN_SESSION = "the same session computed by tpmsigner.tpmsession, as the signer does"
+AUTHORIZATIONS = (PASSWORD, HMAC_SESSION, ENCRYPTED_SESSION, OWN_SESSION)
 
 
 class FloorSigner:
@@ -52,7 +54,7 @@ class FloorSigner:
         self.public_key = public_key
         self._esapi = ESAPI(TCTILdr.parse(tcti))
         esapi = self._esapi
-        self._parent, _, _, _, _ = esapi.create_primary(
+        self._parent, parent_public, _, _, _ = esapi.create_primary(
             TPM2B_SENSITIVE_CREATE(),
             TPM2B_PUBLIC(publicArea=srk_ecc_p256_template()),
             ESYS_TR.RH_OWNER,
@@ -78,14 +80,29 @@ class FloorSigner:
         )
         self._ticket = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
 
+        # tpmsigner's own session code on the same key, for OWN_SESSION.
+        self._own_session = tpmsession.start_salted_session(
+            esapi.tcti,
+            int(esapi.tr_get_tpm_handle(self._parent)),
+            tpmsession.salt_key_from_public(parent_public.publicArea),
+        )
+        self._key_tpm_handle = int(esapi.tr_get_tpm_handle(self._key))
+        self._key_name = tpmsession.object_name(blob.public)
+        self._pin = pin
+        self._marshalled_scheme = bytes(self._scheme.marshal())
+        self._marshalled_ticket = bytes(self._ticket.marshal())
+
     def sign(self, data: bytes, authorization: str = ENCRYPTED_SESSION) -> tuple[bytes, float]:
         """Return the SSH signature blob of ``data`` and the seconds TPM2_Sign took.
 
         ``authorization`` is the floor's own session (ENCRYPTED_SESSION), the
-        same session without parameter encryption (HMAC_SESSION), or the PIN
-        sent as a plain password (PASSWORD), which tpmsigner never does; the
-        last two show what the session costs.
+        same session without parameter encryption (HMAC_SESSION), the PIN
+        sent as a plain password (PASSWORD), which tpmsigner never does, or
+        the encrypted session computed by tpmsigner.tpmsession instead of
+        ESAPI (OWN_SESSION).  All but the first show what the session costs.
         """
+        if authorization == OWN_SESSION:
+            return self._sign_own_session(data)
         digest = TPM2B_DIGEST(hashlib.sha256(data).digest())
         if authorization == PASSWORD:
             session = ESYS_TR.PASSWORD
@@ -102,8 +119,26 @@ class FloorSigner:
         s = int.from_bytes(bytes(signature.signature.ecdsa.signatureS.buffer), "big")
         return encode_ecdsa_signature(self.public_key, r, s), elapsed
 
+    def _sign_own_session(self, data: bytes) -> tuple[bytes, float]:
+        digest = hashlib.sha256(data).digest()
+        started = time.perf_counter()
+        marshalled = tpmsession.sign(
+            self._esapi.tcti,
+            self._own_session,
+            self._key_tpm_handle,
+            self._key_name,
+            self._pin,
+            digest,
+            self._marshalled_scheme,
+            self._marshalled_ticket,
+        )
+        elapsed = time.perf_counter() - started
+        r, s = _raw_signature(marshalled, TPM2_ALG.ECDSA)
+        return encode_ecdsa_signature(self.public_key, r, s), elapsed
+
     def close(self) -> None:
-        """Flush the key, the session and the storage key: swtpm has three object slots."""
+        """Flush the key, the sessions and the storage key: swtpm has three object slots."""
+        tpmsession.flush(self._esapi.tcti, self._own_session.handle)
         for handle in (self._key, self._session, self._parent):
             self._esapi.flush_context(handle)
         self._esapi.close()

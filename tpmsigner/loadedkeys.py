@@ -5,9 +5,9 @@ signature itself, so ``Tpm`` keeps the most recently used keys loaded.  A
 loaded key without its PIN is harmless: every key tpmsigner makes has
 userWithAuth set, no policy and noDA clear (TPM 2.0 Library Part 2, section
 8.3), so each use still needs an HMAC session keyed with the PIN, and wrong
-PINs still count toward the dictionary-attack lockout.  ``Tpm`` clears the
-PIN from the ESAPI object after every signature, so the process holds no
-PIN between requests either.
+PINs still count toward the dictionary-attack lockout.  A signature's PIN
+keys that one command's HMAC (tpmsigner.tpmsession) and is not kept, so the
+process holds no PIN between requests either.
 
 The cache is small on purpose.  An emulator or TPM reached without a
 resource manager has only three object slots (swtpm: MAX_LOADED_OBJECTS),

@@ -1,11 +1,12 @@
 """One ESAPI context to one TPM, used by one thread at a time.
 
 All TPM work goes through ``Tpm``: it owns the ESAPI context, the storage
-root key handle and one salted HMAC session with parameter encryption, and
-it flushes every transient object it loads (signing keys stay loaded between
-signatures, a bounded few: see ``tpmsigner.loadedkeys``).  swtpm without a resource
-manager has only three object slots, so a leaked handle would stop the
-signer after a few requests.
+root key handle and one salted HMAC session with parameter encryption for
+signatures (computed by ``tpmsigner.tpmsession``, not by ESAPI; that module
+says why), and it flushes every transient object it loads.  Signing keys
+stay loaded between signatures, a bounded few (see
+``tpmsigner.loadedkeys``).  swtpm without a resource manager has only three
+object slots, so a leaked handle would stop the signer after a few requests.
 
 Every public method takes ``self._lock``, so calls from several threads are
 serialised.  The signer runs them on a single worker thread, off the event
@@ -14,13 +15,14 @@ loop (see ``tpmsigner.signer.worker``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from tpm2_pytss import ESAPI, TSS2_Exception
 from tpm2_pytss.constants import (
@@ -40,7 +42,6 @@ from tpm2_pytss.constants import (
 from tpm2_pytss.TCTILdr import TCTILdr
 from tpm2_pytss.types import (
     TPM2B_DATA,
-    TPM2B_DIGEST,
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
@@ -67,6 +68,8 @@ from .errors import (
 )
 from .keytypes import DEFAULT_KEY_TYPE, KEY_TYPES, KeyType
 from .loadedkeys import LoadedKeys, loaded_key_capacity
+from . import tpmsession
+from .tpmsession import SaltedSession, TpmResponseError
 from .protocol.sshkeys import NISTP256, NISTP384, EcdsaPublicKey, RsaPublicKey, SshPublicKey, public_key_from_blob
 from .templates import (
     SIGNING_KEY_FORBIDDEN,
@@ -236,18 +239,24 @@ def _template_for(key_type: KeyType):
     return rsa_signing_key_template(key_type.rsa_bits)
 
 
-# The scheme and the (empty) hash check ticket of TPM2_Sign, built once per
-# scheme: tpm2-pytss objects cost tens of microseconds each to build, and
-# esapi.sign only reads them.
+# The scheme and the (empty) hash check ticket of TPM2_Sign, built and
+# marshalled once per scheme: tpm2-pytss objects cost tens of microseconds
+# each to build.
 @functools.lru_cache(maxsize=16)
-def _sign_parameters(scheme_alg: int, hash_alg: int) -> tuple[TPMT_SIG_SCHEME, TPMT_TK_HASHCHECK]:
+def _sign_parameters(scheme_alg: int, hash_alg: int) -> tuple[bytes, bytes]:
+    """Return the marshalled TPMT_SIG_SCHEME and TPMT_TK_HASHCHECK (a NULL ticket) of a signature."""
     if scheme_alg == TPM2_ALG.ECDSA:
         details = TPMU_SIG_SCHEME(ecdsa=TPMS_SCHEME_HASH(hashAlg=hash_alg))
     else:
         details = TPMU_SIG_SCHEME(rsassa=TPMS_SCHEME_HASH(hashAlg=hash_alg))
     scheme = TPMT_SIG_SCHEME(scheme=scheme_alg, details=details)
     ticket = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
-    return scheme, ticket
+    return bytes(scheme.marshal()), bytes(ticket.marshal())
+
+
+@functools.lru_cache(maxsize=64)
+def _object_name(marshalled_public: bytes) -> bytes:
+    return tpmsession.object_name(marshalled_public)
 
 
 def _raw_signature(marshalled: bytes, scheme_alg: int) -> RawSignature:
@@ -370,7 +379,10 @@ class Tpm:
         self._esapi: ESAPI | None = None
         self._parents: dict[int, ESYS_TR] = {}
         self._flush_parents: set[int] = set()
-        self._session: ESYS_TR | None = None
+        # The session every signature uses (tpmsigner.tpmsession).  ESAPI
+        # sessions are started only for the rare commands that carry a new
+        # PIN (creating a key, changing a PIN) and flushed right after.
+        self._session: SaltedSession | None = None
         self._algorithms: set[int] | None = None
         # (resetCount, restartCount) when the context was opened.
         self._startup_counts: tuple[int, int] | None = None
@@ -414,13 +426,13 @@ class Tpm:
         # restarted TPM has dropped its transient objects and sessions anyway.
         try:
             if flush_handles and session is not None:
-                esapi.flush_context(session)
+                tpmsession.flush(esapi.tcti, session.handle)
             for key_handle in loaded_keys:
                 esapi.flush_context(key_handle)
             for parent_handle, handle in parents.items():
                 if flush_handles and parent_handle in flush_parents:
                     esapi.flush_context(handle)
-        except TSS2_Exception as exc:
+        except (TSS2_Exception, TpmResponseError) as exc:
             logger.debug("flushing TPM handles on reset failed: %s", exc)
         try:
             esapi.close()
@@ -596,7 +608,7 @@ class Tpm:
                 status = self.recent_lockout_status() or self._lockout_status()
                 if not status.in_lockout:
                     self._parent(parent)
-                    self._hmac_session(parent)
+                    self._signing_session(parent)
             except TSS2_Exception as exc:
                 raise self._translate(exc, "preparing the TPM") from None
         return status
@@ -622,8 +634,8 @@ class Tpm:
         session, self._session = self._session, None
         if session is not None and self._esapi is not None:
             try:
-                self._esapi.flush_context(session)
-            except TSS2_Exception as exc:
+                tpmsession.flush(self._esapi.tcti, session.handle)
+            except (TSS2_Exception, TpmResponseError) as exc:
                 logger.debug("flushing the HMAC session failed: %s", exc)
 
     # ---- parents and sessions ----------------------------------------------
@@ -678,39 +690,61 @@ class Tpm:
         esapi = self._context()
         return SRK_PERSISTENT_HANDLE if self._has_persistent_srk(esapi) else PARENT_OWNER
 
-    def _hmac_session(self, salt_parent: int) -> ESYS_TR:
-        """Return the salted HMAC session, starting it on first use.
+    def _signing_session(self, salt_parent: int) -> SaltedSession:
+        """Return the salted HMAC session for signatures, starting it on first use.
 
         The salt is encrypted to the storage key (TPM 2.0 Library Part 1,
         section 19.6.11), so the session key, and with it every
         PIN-derived HMAC and every encrypted parameter, stays unknown to
-        anyone watching the bus.  AES-128-CFB is the parameter-encryption
-        cipher every TPM 2.0 implements.
+        anyone watching the bus.  The storage key's public area is read
+        from the TPM and must hash to the name ``parent_check`` accepted.
+        AES-128-CFB is the parameter-encryption cipher every TPM 2.0
+        implements.
         """
         if self._session is None:
             esapi = self._context()
-            self._session = esapi.start_auth_session(
-                tpm_key=self._parent(salt_parent),
-                bind=ESYS_TR.NONE,
-                session_type=TPM2_SE.HMAC,
-                symmetric=TPMT_SYM_DEF(
-                    algorithm=TPM2_ALG.AES,
-                    keyBits=TPMU_SYM_KEY_BITS(aes=128),
-                    mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB),
-                ),
-                auth_hash=TPM2_ALG.SHA256,
+            parent_handle = self._parent(salt_parent)
+            public, _, _ = esapi.read_public(parent_handle)
+            if tpmsession.object_name(bytes(public.marshal())) != bytes(esapi.tr_get_name(parent_handle)):
+                raise TpmError(
+                    f"the storage key 0x{salt_parent:08x} answered with a public area that does not match its "
+                    "name; the TPM or the connection to it is not the one the key files were made on"
+                )
+            self._session = tpmsession.start_salted_session(
+                esapi.tcti,
+                int(esapi.tr_get_tpm_handle(parent_handle)),
+                tpmsession.salt_key_from_public(public.publicArea),
             )
         return self._session
 
-    def _set_session_attributes(self, session: ESYS_TR, *, encrypt_response: bool) -> None:
-        # DECRYPT encrypts the command's first parameter, which carries the
-        # new PIN in TPM2_Create.  ENCRYPT is only allowed when the first
-        # response parameter is a sized buffer (Part 1, section 21.1), which
-        # TPM2_Sign's TPMT_SIGNATURE is not.
-        attributes = TPMA_SESSION.CONTINUESESSION | TPMA_SESSION.DECRYPT
-        if encrypt_response:
-            attributes |= TPMA_SESSION.ENCRYPT
-        self._context().trsess_set_attributes(session, attributes)
+    @contextlib.contextmanager
+    def _esys_session(self, salt_parent: int) -> Iterator[ESYS_TR]:
+        """Start an ESAPI salted HMAC session for one command that carries a new PIN, and flush it after.
+
+        TPM2_Create and TPM2_ObjectChangeAuth are rare, so ESAPI's slower
+        session code is fine for them.  DECRYPT encrypts the first command
+        parameter, the new PIN; ENCRYPT encrypts the first response
+        parameter, the new private part.
+        """
+        esapi = self._context()
+        session = esapi.start_auth_session(
+            tpm_key=self._parent(salt_parent),
+            bind=ESYS_TR.NONE,
+            session_type=TPM2_SE.HMAC,
+            symmetric=TPMT_SYM_DEF(
+                algorithm=TPM2_ALG.AES,
+                keyBits=TPMU_SYM_KEY_BITS(aes=128),
+                mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB),
+            ),
+            auth_hash=TPM2_ALG.SHA256,
+        )
+        try:
+            esapi.trsess_set_attributes(
+                session, TPMA_SESSION.CONTINUESESSION | TPMA_SESSION.DECRYPT | TPMA_SESSION.ENCRYPT
+            )
+            yield session
+        finally:
+            self._flush_quietly(session)
 
     # ---- operations --------------------------------------------------------
 
@@ -749,19 +783,17 @@ class Tpm:
                     )
                 parent = self._default_parent()
                 parent_handle = self._parent(parent)
-                session = self._hmac_session(parent)
-                self._set_session_attributes(session, encrypt_response=True)
-
                 sensitive = TPM2B_SENSITIVE_CREATE()
                 sensitive.sensitive.userAuth = pin
-                private, public, _, _, _ = self._context().create(
-                    parent_handle,
-                    sensitive,
-                    TPM2B_PUBLIC(publicArea=_template_for(key_type)),
-                    TPM2B_DATA(),
-                    TPML_PCR_SELECTION(),
-                    session1=session,
-                )
+                with self._esys_session(parent) as session:
+                    private, public, _, _, _ = self._context().create(
+                        parent_handle,
+                        sensitive,
+                        TPM2B_PUBLIC(publicArea=_template_for(key_type)),
+                        TPM2B_DATA(),
+                        TPML_PCR_SELECTION(),
+                        session1=session,
+                    )
             except TSS2_Exception as exc:
                 raise self._translate(exc, "creating the key") from None
 
@@ -827,20 +859,30 @@ class Tpm:
                     self._refuse_during_lockout("signing")
             except TSS2_Exception as exc:
                 raise self._translate(exc, "signing") from None
-            key_handle, session = self._loaded_key(blob)
+            key_handle = self._loaded_key(blob)
 
             esapi = self._context()
             try:
-                esapi.tr_set_auth(key_handle, pin)
-                self._set_session_attributes(session, encrypt_response=False)
+                session = self._signing_session(blob.parent)
                 scheme, ticket = _sign_parameters(scheme_alg, hash_alg)
-                signature = esapi.sign(key_handle, TPM2B_DIGEST(digest), scheme, ticket, session1=session)
+                signature = tpmsession.sign(
+                    esapi.tcti,
+                    session,
+                    int(esapi.tr_get_tpm_handle(key_handle)),
+                    _object_name(blob.public),
+                    pin,
+                    digest,
+                    scheme,
+                    ticket,
+                )
             except TSS2_Exception as exc:
                 raise self._translate(exc, "signing") from None
-            finally:
-                self._forget_pin(key_handle)
+            except TpmResponseError:
+                # The session's nonces can no longer be trusted to match the TPM's.
+                self._drop_session()
+                raise
 
-        return _raw_signature(bytes(signature.marshal()), scheme_alg)
+        return _raw_signature(signature, scheme_alg)
 
     def recent_lockout_status(self, max_age: float = LOCKOUT_STATUS_REUSE_SECONDS) -> LockoutStatus | None:
         """Return the last lockout status read, if it is still good, else None.
@@ -854,19 +896,16 @@ class Tpm:
             return None
         return recent[1]
 
-    def _loaded_key(self, blob: TpmKeyBlob) -> tuple[ESYS_TR, ESYS_TR]:
-        """Return (key handle, session) for ``blob``, loading it only if it is not loaded yet."""
+    def _loaded_key(self, blob: TpmKeyBlob) -> ESYS_TR:
+        """Return the key handle for ``blob``, loading it only if it is not loaded yet."""
         key_handle = self._loaded.get(blob.parent, blob.public, blob.private)
         if key_handle is not None and self._esapi is not None:
             # The attributes were checked when this exact blob was loaded.
-            try:
-                return key_handle, self._hmac_session(blob.parent)
-            except TSS2_Exception as exc:
-                raise self._translate(exc, "starting a session") from None
-        key_handle, session = self._load(blob)
+            return key_handle
+        key_handle = self._load(blob)
         for evicted in self._loaded.put(blob.parent, blob.public, blob.private, key_handle):
             self._flush_quietly(evicted)
-        return key_handle, session
+        return key_handle
 
     def flush_loaded_keys(self) -> int:
         """Flush the signing keys kept loaded between signatures; return how many there were.
@@ -881,7 +920,7 @@ class Tpm:
             return len(handles)
 
     def _forget_pin(self, key_handle: ESYS_TR) -> None:
-        """Clear the PIN from a loaded key's ESAPI object, so it stays in memory no longer than one command."""
+        """Clear the PIN from a loaded key's ESAPI object, so it stays there no longer than one command."""
         if self._esapi is None:
             return
         try:
@@ -897,8 +936,8 @@ class Tpm:
         if self._lockout_status().in_lockout:
             raise self._lockout_error(what)
 
-    def _load(self, blob: TpmKeyBlob) -> tuple[ESYS_TR, ESYS_TR]:
-        """Load a wrapped key under its parent; return (key handle, session)."""
+    def _load(self, blob: TpmKeyBlob) -> ESYS_TR:
+        """Load a wrapped key under its parent and return its handle."""
         # The attributes are checked on every load, not only at import: the
         # TPM loads any key of its own, but only one with fixedTPM,
         # fixedParent, sensitiveDataOrigin and userWithAuth set, and noDA
@@ -908,9 +947,11 @@ class Tpm:
         private, _ = TPM2B_PRIVATE.unmarshal(blob.private)
         try:
             parent_handle = self._parent(blob.parent)
-            session = self._hmac_session(blob.parent)
-            self._set_session_attributes(session, encrypt_response=True)
-            key_handle = self._context().load(parent_handle, private, public, session1=session)
+            # The storage key's authValue is empty and nothing in TPM2_Load
+            # is secret (the private part is wrapped by the TPM), so a
+            # password session does.  A TPM that loaded something else
+            # fails the signature's HMAC, which covers the key's name.
+            key_handle = self._context().load(parent_handle, private, public, session1=ESYS_TR.PASSWORD)
         except TSS2_Exception as exc:
             error = self._translate(exc, "loading the key")
             if type(error) is TpmError:
@@ -920,7 +961,7 @@ class Tpm:
                     rc=error.rc,
                 ) from None
             raise error from None
-        return key_handle, session
+        return key_handle
 
     def check_parents(self, parents: list[int]) -> None:
         """Load each storage parent, so that ``parent_check`` compares its name now."""
@@ -944,8 +985,7 @@ class Tpm:
                 self._current_context()
             except TSS2_Exception as exc:
                 raise self._translate(exc, "opening the TPM") from None
-            key_handle, _ = self._load(blob)
-            self._flush_quietly(key_handle)
+            self._flush_quietly(self._load(blob))
 
     def change_pin(self, blob: TpmKeyBlob, old_pin: bytes, new_pin: bytes) -> TpmKeyBlob:
         """Change a key's PIN with TPM2_ObjectChangeAuth and return the new blob.
@@ -967,17 +1007,18 @@ class Tpm:
                 self._refuse_during_lockout("changing the PIN")
             except TSS2_Exception as exc:
                 raise self._translate(exc, "changing the PIN") from None
-            key_handle, session = self._load(blob)
+            key_handle = self._load(blob)
             esapi = self._context()
             try:
                 esapi.tr_set_auth(key_handle, old_pin)
-                self._set_session_attributes(session, encrypt_response=True)
-                new_private = esapi.object_change_auth(
-                    key_handle, self._parent(blob.parent), new_pin, session1=session
-                )
+                with self._esys_session(blob.parent) as session:
+                    new_private = esapi.object_change_auth(
+                        key_handle, self._parent(blob.parent), new_pin, session1=session
+                    )
             except TSS2_Exception as exc:
                 raise self._translate(exc, "changing the PIN") from None
             finally:
+                self._forget_pin(key_handle)
                 self._flush_quietly(key_handle)
         return TpmKeyBlob(public=blob.public, private=bytes(new_private.marshal()), parent=blob.parent)
 
