@@ -66,7 +66,7 @@ def command_pair(args: argparse.Namespace) -> int:
 
 
 def command_discover(args: argparse.Namespace) -> int:
-    from tpmsigner.commands.common import print_json
+    from tpmsigner.cliutil import print_json
     from tpmsigner.discovery import SIGNER_SERVICE
 
     from .discovery import browse, format_host_port

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tpmsigner.commands.common import print_json, print_table
+from tpmsigner.cliutil import print_json, print_table
 from tpmsigner.protocol.channel import format_public_key, public_key_fingerprint
 
 from .config import AgentHome, PinnedSigner, default_home

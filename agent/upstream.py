@@ -23,9 +23,8 @@ from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 
-from asyncssh.packet import Byte, PacketDecodeError, SSHPacket
-
 from tpmsigner.errors import TpmSignerError
+from tpmsigner.protocol.sshwire import Byte, PacketDecodeError, SshReader
 from tpmsigner.protocol.sshkeys import fingerprint_of_blob
 from tpmsigner.ratelimit import RateLimitedLogger
 
@@ -179,7 +178,7 @@ class UpstreamSession:
         """Forward an add or remove request; reject the removal of a key that this agent's signers hold."""
         if message[0] == SSH_AGENTC_REMOVE_IDENTITY:
             try:
-                packet = SSHPacket(message[1:])
+                packet = SshReader(message[1:])
                 key_blob = packet.get_string()
                 packet.check_end()
             except PacketDecodeError as exc:
@@ -306,7 +305,7 @@ def decode_identities(body: bytes) -> list[tuple[bytes, str]]:
     instead of dropping the listing.
     """
     try:
-        packet = SSHPacket(body)
+        packet = SshReader(body)
         count = packet.get_uint32()
         identities = []
         for _ in range(count):

@@ -406,7 +406,12 @@ class BenchRun:
         for n, agent_home in enumerate(homes):
             stack.pair(home, agent_home, f"bench-memory-{n}", port)
         self.inproc.release_tpm()
-        signer = stack.start_serve(self.ws, home, port, self.approver, "signer-memory")
+        # All the agents connect from 127.0.0.1 within seconds, beyond the
+        # default limit of handshakes per source address and minute.
+        signer = stack.start_serve(
+            self.ws, home, port, self.approver, "signer-memory",
+            "--max-handshakes-per-minute", str(4 * agents),
+        )
         started: list[Daemon] = []
         try:
             for n, agent_home in enumerate(homes):

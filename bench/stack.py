@@ -127,13 +127,15 @@ def write_command_approver(path: Path, pin: str) -> Path:
     return path
 
 
-def start_serve(workspace: Workspace, home: Path, port: int, approver: Path, name: str) -> Daemon:
+def start_serve(
+    workspace: Workspace, home: Path, port: int, approver: Path, name: str, *extra_arguments: str
+) -> Daemon:
     """Start `tpmsigner serve` with a `command:` approver, as a separate process."""
     signer = Daemon.start(
         name,
         [
             *SIGNER_COMMAND, "--home", str(home), "serve", "--listen", f"{LOCALHOST}:{port}",
-            "--approver", f"command:{approver}", "--no-mdns",
+            "--approver", f"command:{approver}", "--no-mdns", *extra_arguments,
         ],
         workspace.log(name),
         workspace.env(),

@@ -17,7 +17,8 @@ from ..protocol.sshkeys import fingerprint_of_blob
 from ..store import validate_label
 from ..tpm import key_type_of
 from .certificates import certificate_rows, certificate_state
-from .common import confirm, key_store, open_tpm, print_json, print_table, read_new_pin, read_pin
+from ..cliutil import print_json, print_table
+from .common import confirm, key_store, open_tpm, read_new_pin, read_pin
 
 
 def command_keygen(args: argparse.Namespace) -> int:

@@ -26,7 +26,8 @@ from ..pairing import (
 )
 from ..protocol import channel
 from ..signer.devices import DeviceRegistry
-from .common import print_json, print_table, resolve_home
+from ..cliutil import print_json, print_table
+from .common import resolve_home
 from .signer import DEVICES_FILE, _static_key, add_mdns_options, parse_listen
 
 logger = logging.getLogger("tpmsigner")

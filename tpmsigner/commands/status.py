@@ -8,7 +8,8 @@ from dataclasses import asdict
 from ..audit import AuditLog
 from ..store import TpmBinding
 from .signer import AUDIT_FILE
-from .common import key_store, open_tpm, print_json, print_table, resolve_home
+from ..cliutil import print_json, print_table
+from .common import key_store, open_tpm, resolve_home
 
 
 def command_status(args: argparse.Namespace) -> int:
