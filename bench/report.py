@@ -100,7 +100,7 @@ def targets(results: dict) -> list[tuple[str, str, str, str]]:
                 rows.append((
                     "`ssh-add -L` with 100 identities (median)",
                     f"≤ {LIST_TARGET_MS:g} ms",
-                    f"{median:.1f} ms (OpenSSH's agent with 100 key files: {reference:.1f} ms)",
+                    f"{median:.1f} ms (OpenSSH's agent with 100 ECDSA key files: {reference:.1f} ms)",
                     _yes(median <= LIST_TARGET_MS),
                 ))
     logins = results.get("logins")
@@ -218,6 +218,7 @@ def markdown(results: dict) -> str:
                 str(row["identities"]),
                 f"{row['ssh_add']['median']:.1f} / {row['ssh_add']['p95']:.1f}",
                 f"{row['openssh_ssh_add']['median']:.1f} / {row['openssh_ssh_add']['p95']:.1f}",
+                _median_p95(row.get("openssh_ssh_add_ed25519")),
                 f"{row['round_trip']['median']:.2f} / {row['round_trip']['p95']:.2f}",
                 f"{row['openssh_round_trip']['median']:.2f} / {row['openssh_round_trip']['p95']:.2f}",
                 f"{row['cli_list']['median']:.0f} / {row['cli_list']['p95']:.0f}",
@@ -233,12 +234,13 @@ def markdown(results: dict) -> str:
                     "identities",
                     "`ssh-add -L`, tpmsigner-agent",
                     "`ssh-add -L`, OpenSSH ssh-agent with as many ECDSA key files",
+                    "`ssh-add -L`, OpenSSH ssh-agent with as many Ed25519 key files",
                     "listing request alone, tpmsigner-agent",
                     "listing request alone, OpenSSH ssh-agent",
                     "`tpmsigner list`",
                 ),
                 rows,
-                "rrrrrr",
+                "rrrrrrr",
             ),
         ]
 
@@ -329,3 +331,10 @@ def write_docs(document: Path, markdown_text: str, plot_files: list[Path], docs_
     document.write_text(head + BEGIN_MARKER + "\n\n" + markdown_text + pictures + "\n" + END_MARKER + tail)
     for plot in plot_files:
         shutil.copyfile(plot, docs_dir / plot.name)
+
+
+def _median_p95(summary: dict | None) -> str:
+    """Format a summary as "median / p95" in ms, or a dash for a run that did not measure it."""
+    if summary is None:
+        return "–"
+    return f"{summary['median']:.1f} / {summary['p95']:.1f}"

@@ -269,7 +269,10 @@ class BenchRun:
     def listing(self) -> None:
         rows = []
         self.inproc.release_tpm()
-        reference_keys = self._reference_keys(max(self.options.counts))
+        reference_keys = self._reference_keys(max(self.options.counts), "ecdsa")
+        # Ed25519 keys show what ssh-add itself spends on each ECDSA key:
+        # it checks every EC public key it reads, which Ed25519 keys skip.
+        ed25519_keys = self._reference_keys(max(self.options.counts), "ed25519")
         for count in self.options.counts:
             home = self.ws.path(f"signer-list-{count}")
             identities = stack.copy_home(self.master, home, count)
@@ -298,29 +301,31 @@ class BenchRun:
                 [*stack.SIGNER_COMMAND, "--home", str(home), "list"], self.ws.env(), max(3, self.options.list_repeats // 2)
             )
             openssh_add, openssh_trip = self._reference_listing(reference_keys[:count])
+            ed25519_add, _ = self._reference_listing(ed25519_keys[:count])
             rows.append({
                 "identities": count,
                 "ssh_add": Summary.of(ssh_add).to_json(),
                 "round_trip": Summary.of(round_trip).to_json(),
                 "openssh_ssh_add": Summary.of(openssh_add).to_json(),
                 "openssh_round_trip": Summary.of(openssh_trip).to_json(),
+                "openssh_ssh_add_ed25519": Summary.of(ed25519_add).to_json(),
                 "cli_list": Summary.of(cli).to_json(),
             })
             shutil.rmtree(home)
         self.results["listing"] = {"rows": rows}
 
-    def _reference_keys(self, count: int) -> list[Path]:
-        """Make ``count`` ECDSA P-256 key files for OpenSSH's agent, the same key type tpmsigner lists."""
+    def _reference_keys(self, count: int, key_type: str) -> list[Path]:
+        """Make ``count`` key files of ``key_type`` for OpenSSH's agent ("ecdsa" is P-256, as tpmsigner lists)."""
         keys = []
         for number in range(count):
-            path = self.ws.path(f"reference-keys/id_ecdsa_{number:04d}")
-            generate_key_pair(path, "ecdsa", f"reference-{number:04d}")
+            path = self.ws.path(f"reference-keys/id_{key_type}_{number:04d}")
+            generate_key_pair(path, key_type, f"reference-{number:04d}")
             keys.append(path)
         return keys
 
     def _reference_listing(self, keys: list[Path]) -> tuple[list[float], list[float]]:
         """Time `ssh-add -L` and one listing request against OpenSSH's ssh-agent holding ``keys``."""
-        agent = OpenSshAgent(socket_path=self.ws.socket(f"reference-{len(keys)}"))
+        agent = OpenSshAgent(socket_path=self.ws.socket(f"reference-{keys[0].name}-{len(keys)}"))
         agent.start()
         try:
             for start in range(0, len(keys), 100):
