@@ -158,6 +158,7 @@ class BenchRun:
         samples: dict[str, list[float]] = {}
         verified: dict[str, int] = {}
         sessions: dict[str, list[float]] = {}
+        sessions_verified: dict[str, int] = {}
 
         def add(name: str, measured: tuple[list[float], int]) -> None:
             samples.setdefault(name, []).extend(measured[0])
@@ -174,6 +175,7 @@ class BenchRun:
             for authorization in AUTHORIZATIONS:
                 measured = self._floor_signs(per_round, tag, authorization)
                 sessions.setdefault(authorization, []).extend(measured[0])
+                sessions_verified[authorization] = sessions_verified.get(authorization, 0) + measured[1]
 
         def pkcs11_step(tag: str) -> None:
             assert pkcs11 is not None
@@ -216,7 +218,10 @@ class BenchRun:
             name: {**Summary.of(values).to_json(), "verified": verified[name]} for name, values in samples.items()
         }
         self.results["sign_samples"] = samples
-        self.results["floor_sessions"] = {name: Summary.of(values).to_json() for name, values in sessions.items()}
+        self.results["floor_sessions"] = {
+            name: {**Summary.of(values).to_json(), "verified": sessions_verified[name]}
+            for name, values in sessions.items()
+        }
 
     def _floor_signs(
         self, count: int, tag: str, authorization: str = ENCRYPTED_SESSION

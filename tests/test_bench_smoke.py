@@ -51,6 +51,19 @@ def test_every_sign_path_verifies(quick_run) -> None:
 
 
 @pytest.mark.timeout(660)
+def test_floor_sessions_all_verify(quick_run) -> None:
+    # The floor's key signed with a password, an ESAPI session with and
+    # without parameter encryption, and tpmsigner's own session.
+    results, _, _ = quick_run
+    sessions = results["floor_sessions"]
+    assert len(sessions) == 4
+    assert any("tpmsigner.tpmsession" in name for name in sessions)
+    for name, summary in sessions.items():
+        assert summary["count"] > 0, name
+        assert summary["verified"] == summary["count"], name
+
+
+@pytest.mark.timeout(660)
 def test_concurrent_clients_all_verify(quick_run) -> None:
     results, _, _ = quick_run
     rows = results["throughput"]["rows"]
