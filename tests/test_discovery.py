@@ -60,8 +60,13 @@ def netns_chain(tmp_path: Path, namespace: NetworkNamespace, request: pytest.Fix
     assert not pid_is_running(swtpm_pid), f"swtpm pid {swtpm_pid} still runs after swtpm/stop"
 
 
+# Long enough for a loaded machine to answer mDNS queries; a 2 s browse
+# missed the signer now and then while other tests kept both cores busy.
+BROWSE_SECONDS = "5"
+
+
 def _discover(chain: NamespacedChain, *extra: str) -> list[dict]:
-    result = chain.tpmsigner_agent("discover", "--json", "--timeout", "2", *extra)
+    result = chain.tpmsigner_agent("discover", "--json", "--timeout", BROWSE_SECONDS, *extra)
     return json.loads(result.stdout)
 
 
@@ -127,7 +132,7 @@ def test_serve_advertises_fingerprint(netns_chain: NamespacedChain) -> None:
     services = _discover(chain)
     assert services[0]["paired"] is True
     assert services[0]["pinned_as"] == "home"
-    listing = chain.tpmsigner_agent("discover", "--timeout", "2").stdout
+    listing = chain.tpmsigner_agent("discover", "--timeout", BROWSE_SECONDS).stdout
     assert "paired as 'home'" in listing
 
     # Multicast stays inside the namespace.
