@@ -212,8 +212,17 @@ class SignerClient:
                 try:
                     message = decode_message(payload)
                 except ProtocolError as exc:
-                    logger.warning("signer %r sent a malformed reply: %s", self.signer.name, exc)
-                    continue
+                    # The reply's request id cannot be trusted either, so no
+                    # waiting request can be matched with it.  Closing fails
+                    # them all now instead of after their timeouts (up to
+                    # minutes for a signature), and the next request reconnects.
+                    reason = (
+                        f"the signer sent a malformed reply ({exc}), so the connection was closed; "
+                        "check that the signer and this agent run the same tpmsigner version"
+                    )
+                    logger.warning("signer %r: %s", self.signer.name, reason)
+                    await self._reader_closed(secure, reason)
+                    return
                 if isinstance(message, Failure) and message.request_id == CONNECTION_REQUEST_ID:
                     # The signer closes the connection right after this.
                     rejection = message.message
@@ -237,10 +246,14 @@ class SignerClient:
                     "'tpmsigner allow NAME KEY' there with the key that 'tpmsigner-agent id' prints"
                 )
             logger.warning("connection to signer %r closed: %s", self.signer.name, reason)
-            if self._secure is secure:
-                self._secure = None
-                await secure.close()
-            self._fail_waiting(reason)
+            await self._reader_closed(secure, reason)
+
+    async def _reader_closed(self, secure: channel.NoiseChannel, reason: str) -> None:
+        """Close ``secure``, forget it if it is still the current channel, and fail every waiting request."""
+        if self._secure is secure:
+            self._secure = None
+        await secure.close()
+        self._fail_waiting(reason)
 
     async def _disconnect(self, reason: str) -> None:
         secure, self._secure = self._secure, None
