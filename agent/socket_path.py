@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import stat
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from tpmsigner.errors import ConfigError
 
 LISTEN_BACKLOG = 128
+# Another agent holds the directory lock only while it binds its socket.
+DIRECTORY_LOCK_TIMEOUT = 5.0
 
 
 def default_socket_path() -> Path:
@@ -55,6 +61,15 @@ def bind_agent_socket(path: Path) -> socket.socket:
     if not path.parent.exists():
         path.parent.mkdir(mode=0o700, parents=True)
 
+    # Two agents started together on one path could both find the old socket
+    # dead, and the second would unlink the first one's new socket before it
+    # listens.  The check, unlink, bind and listen run under a lock on the
+    # socket's directory, so the second one finds a live socket instead.
+    with _directory_lock(path.parent):
+        return _replace_and_bind(path)
+
+
+def _replace_and_bind(path: Path) -> socket.socket:
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise ConfigError(f"{path} exists and is not a socket; choose another --socket path")
@@ -74,3 +89,31 @@ def bind_agent_socket(path: Path) -> socket.socket:
     os.chmod(path, 0o600)
     sock.listen(LISTEN_BACKLOG)
     return sock
+
+
+@contextmanager
+def _directory_lock(directory: Path, timeout: float = DIRECTORY_LOCK_TIMEOUT) -> Iterator[None]:
+    """Hold an exclusive flock(2) on ``directory`` for the duration of the block."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        # A directory this user may enter but not read cannot be locked.
+        # Binding still works, only without protection from a racing agent.
+        yield
+        return
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ConfigError(
+                        f"another process kept {directory} locked for {timeout:g} s while this agent tried to "
+                        "create its socket there; try again, or choose another --socket path"
+                    ) from None
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(descriptor)
