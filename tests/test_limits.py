@@ -456,7 +456,7 @@ def test_signer_limits_pending_handshakes_per_address(chain: Chain) -> None:
     assert isinstance(reply, ListReply)
     assert chain.signer is not None
     assert (
-        f"closed before the handshake: {limit} handshakes from this address are already in progress"
+        f"closed before the handshake: {limit} handshakes from 127.0.0.2 are already in progress"
         in chain.signer.log_text()
     )
 
@@ -535,7 +535,7 @@ def test_signer_limits_handshake_attempts_per_address(chain: Chain) -> None:
     assert chain.signer is not None
     assert (
         f"closed before the handshake: more than {admission.MAX_HANDSHAKE_ATTEMPTS} handshake attempts "
-        f"from this address in {admission.HANDSHAKE_WINDOW:g} s"
+        f"from 127.0.0.4 in {admission.HANDSHAKE_WINDOW:g} s"
     ) in chain.signer.log_text()
 
 
@@ -561,6 +561,37 @@ def test_handshake_attempts_admitted_after_window() -> None:
     clock.now += admission.HANDSHAKE_WINDOW - admission.MAX_HANDSHAKE_ATTEMPTS + 1.0
     assert limiter.admit("192.0.2.1") is None
     assert limiter.in_progress == 1
+
+
+def test_ipv6_addresses_of_one_64_share_limits() -> None:
+    limiter = admission.HandshakeAdmission(clock=FakeClock())
+    for number in range(admission.MAX_HANDSHAKES_PER_ADDRESS):
+        assert limiter.admit(f"2001:db8:0:1::{number + 1:x}") is None
+
+    rejection = limiter.admit("2001:db8:0:1:ffff::9")
+    assert rejection is not None
+    assert "2001:db8:0:1::/64" in rejection
+    # Another /64, and an IPv4 peer, still get their own share.
+    assert limiter.admit("2001:db8:0:2::1") is None
+    assert limiter.admit("192.0.2.7") is None
+    limiter.finish("2001:db8:0:1::1")
+    assert limiter.admit("2001:db8:0:1::abcd") is None
+
+
+@pytest.mark.parametrize(
+    ("address", "source"),
+    [
+        ("192.0.2.1", "192.0.2.1"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+        ("::ffff:10.0.0.1", "10.0.0.1"),
+        ("fe80::1%eth0", "fe80::/64%eth0"),
+        ("fe80::1%eth1", "fe80::/64%eth1"),
+        ("::1", "::/64"),
+        ("not-an-address", "not-an-address"),
+    ],
+)
+def test_source_of_address(address: str, source: str) -> None:
+    assert admission.source_of(address) == source
 
 
 def test_admission_forgets_least_recent_addresses() -> None:
