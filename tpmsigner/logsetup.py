@@ -11,6 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+from collections import deque
+from contextlib import contextmanager
+from typing import Iterator
 
 # syslog(3) priorities for sd-daemon(3)'s "<N>" line prefixes.
 _SYSLOG_PRIORITIES = (
@@ -80,12 +84,90 @@ def level_for(verbose: bool, quiet: bool) -> int:
     return logging.INFO
 
 
+# The maximum number of log records kept back while a prompt is on the
+# terminal.  Beyond it, the oldest are dropped and counted.
+MAX_HELD_RECORDS = 1000
+
+
+class _Hold:
+    """The records that terminal handlers keep back while a prompt is shown (see ``terminal_logs_held``)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.depth = 0
+        self.records: deque[tuple[logging.Handler, logging.LogRecord]] = deque(maxlen=MAX_HELD_RECORDS)
+        self.dropped = 0
+
+    def keep(self, handler: logging.Handler, record: logging.LogRecord) -> bool:
+        """Keep ``record`` for later and return True, if a hold is on."""
+        with self.lock:
+            if not self.depth:
+                return False
+            if len(self.records) == self.records.maxlen:
+                self.dropped += 1
+            self.records.append((handler, record))
+            return True
+
+
+_hold = _Hold()
+
+
+class TerminalHoldingHandler(logging.StreamHandler):
+    """A stderr handler that keeps records back while a prompt is on the same terminal.
+
+    A log line written in the middle of a PIN prompt breaks the prompt's
+    line, and a stream of them could scroll the request's summary out of
+    sight.  Only a stream that is a terminal is held: a file or the journal
+    gets every line at once.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._is_terminal() and _hold.keep(self, record):
+            return
+        super().emit(record)
+
+    def _is_terminal(self) -> bool:
+        try:
+            return self.stream.isatty()
+        except (AttributeError, ValueError, OSError):
+            return False
+
+
+@contextmanager
+def terminal_logs_held() -> Iterator[None]:
+    """Keep log lines off the terminal for the duration of the block, then write them.
+
+    The records keep their own timestamps.  Holds may nest and overlap
+    across threads, and the records go out when the last one ends.
+    """
+    with _hold.lock:
+        _hold.depth += 1
+    try:
+        yield
+    finally:
+        with _hold.lock:
+            _hold.depth -= 1
+            released = list(_hold.records) if not _hold.depth else []
+            dropped = _hold.dropped if not _hold.depth else 0
+            if not _hold.depth:
+                _hold.records.clear()
+                _hold.dropped = 0
+        if dropped:
+            logging.getLogger(__name__).warning(
+                "%d log lines were dropped while a prompt was on the terminal; the last %d follow",
+                dropped,
+                len(released),
+            )
+        for handler, record in released:
+            handler.handle(record)
+
+
 def configure_logging(level: int) -> None:
     """Send every log record at ``level`` or above to stderr, one line each.
 
     Calling it again replaces the handler, for example after a daemon has
     pointed stderr at a log file.
     """
-    handler = logging.StreamHandler(sys.stderr)
+    handler = TerminalHoldingHandler(sys.stderr)
     handler.setFormatter(OneLineFormatter(journal=stderr_is_journal()))
     logging.basicConfig(level=level, handlers=[handler], force=True)

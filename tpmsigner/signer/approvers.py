@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable, Protocol
 
 from ..errors import ConfigError
+from ..logsetup import terminal_logs_held
 from ..protocol.messages import ProcessInfo
 
 logger = logging.getLogger(__name__)
@@ -257,7 +258,11 @@ class TtyApprover:
             return None
 
         try:
-            pin = _ask_on_terminal(fd, request, deadline, cancelled)
+            # serve's log lines go to the same terminal, and one written
+            # mid-prompt would break the prompt or push the request's
+            # summary out of sight.  They follow once the prompt is answered.
+            with terminal_logs_held():
+                pin = _ask_on_terminal(fd, request, deadline, cancelled)
         except (OSError, termios.error) as exc:
             logger.error(
                 "request #%d: the terminal %s failed while asking for the PIN (%s); denied. Was the terminal closed?",

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from ..errors import ConfigError, PinentryError
+from ..logsetup import terminal_logs_held
 from .approvers import DEFAULT_APPROVAL_TIMEOUT, MAX_PIN_OUTPUT, ApprovalRequest, _kill_group
 from .assuan import (
     GPG_ERR_CANCELED,
@@ -188,7 +189,12 @@ class PinentryApprover:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         async with self._turn:
-            return await _PinentryDialog(self, request, deadline).run()
+            if self.terminal is None:
+                return await _PinentryDialog(self, request, deadline).run()
+            # A terminal pinentry shares serve's terminal with its log lines,
+            # which wait until the dialog is over (tpmsigner.logsetup).
+            with terminal_logs_held():
+                return await _PinentryDialog(self, request, deadline).run()
 
 
 async def _reap(process: asyncio.subprocess.Process) -> None:
