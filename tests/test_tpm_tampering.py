@@ -1,4 +1,4 @@
-"""Changed TPM responses against a real swtpm.
+"""Changed TPM responses, lost sessions and restarts, against a real swtpm.
 
 A relay on the TPM's port (tests.support.tpm_relay) takes the place of an
 attacker on the TPM bus and changes swtpm's real responses.  After each fault,
@@ -16,11 +16,13 @@ from pathlib import Path
 import asyncssh
 import pytest
 from tpm2_pytss import ESAPI
-from tpm2_pytss.constants import TPM2_CAP, TPM2_HT
+from tpm2_pytss.constants import ESYS_TR, TPM2_CAP, TPM2_HT
 from tpm2_pytss.TCTILdr import TCTILdr
+from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
 
 import tpmsigner
 from tpmsigner import tpmsession
+from tpmsigner.templates import srk_ecc_p256_template
 from tpmsigner.tpm import PARENT_OWNER, Tpm
 from tpmsigner.tpmsession import TpmResponseError
 from tests.support.tpm_relay import TpmRelay, command_code
@@ -128,4 +130,55 @@ def test_malformed_session_start_flushes_the_session(signing, relay, swtpm, chan
     assert loaded_handles(swtpm.tcti)["sessions"] == []
     check_next_signature(tpm, store, identity)
     tpm.close()
+    assert loaded_handles(swtpm.tcti) == {"transient": [], "sessions": []}
+
+
+def test_session_flushed_by_another_client_leaves_no_key(signing, swtpm) -> None:
+    tpm, _, _ = signing
+    # Another client flushes the session (as `serve` does with handles it
+    # takes for stale), so Tpm's own flush of it fails when it closes.
+    other = ESAPI(TCTILdr.parse(swtpm.tcti))
+    try:
+        (session,) = loaded_handles(swtpm.tcti)["sessions"]
+        other.flush_context(other.tr_from_tpmpublic(session))
+    finally:
+        other.close()
+
+    tpm.close()
+
+    assert loaded_handles(swtpm.tcti) == {"transient": [], "sessions": []}
+
+
+def test_restart_leaves_other_clients_objects(swtpm, tmp_path: Path) -> None:
+    store = tpmsigner.KeyStore(tmp_path / "home")
+    tpm = Tpm(swtpm.tcti)
+    other: ESAPI | None = None
+    try:
+        identity = tpmsigner.create_identity(tpm, store, "work", PIN)
+        tpmsigner.sign_data(tpm, store, identity, b"before the restart", PIN)
+        # The storage key and the signing key are the TPM's first two objects.
+        assert loaded_handles(swtpm.tcti)["transient"] == [0x80000000, 0x80000001]
+        tcti = swtpm.tcti
+        swtpm.stop()
+        assert swtpm.start() == tcti
+
+        # After the restart, another client's object gets the handle that
+        # Tpm still has cached for its signing key.
+        other = ESAPI(TCTILdr.parse(swtpm.tcti))
+        template = TPM2B_PUBLIC(publicArea=srk_ecc_p256_template())
+        first, _, _, _, _ = other.create_primary(TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.RH_OWNER)
+        second, _, _, _, _ = other.create_primary(TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.RH_ENDORSEMENT)
+        other.flush_context(first)
+        assert loaded_handles(swtpm.tcti)["transient"] == [0x80000001]
+        name = bytes(other.tr_get_name(second))
+
+        check_next_signature(tpm, store, identity)
+
+        _, name_now, _ = other.read_public(second)
+        assert bytes(name_now) == name
+        other.flush_context(second)
+    finally:
+        tpm.close()
+        if other is not None:
+            other.close()
     assert loaded_handles(swtpm.tcti) == {"transient": [], "sessions": []}

@@ -301,6 +301,23 @@ def _is_connection_error(exc: TSS2_Exception) -> bool:
     return bool(rc & _TSS_LAYER_MASK) and (rc & _TSS_BASE_MASK) in _CONNECTION_BASE_CODES
 
 
+def _flush_each(esapi: ESAPI, handles: list[int]) -> None:
+    """Flush each TPM handle, best effort, through the context's TCTI.
+
+    Each handle is flushed on its own, so one that is already gone (flushed
+    by another client) leaves no other loaded.  The raw command still works
+    when ESAPI itself has failed.
+    """
+    for handle in handles:
+        try:
+            tpmsession.flush(esapi.tcti, handle)
+        except (TSS2_Exception, TpmResponseError) as exc:
+            logger.debug("flushing TPM handle 0x%08x failed: %s", handle, exc)
+            if isinstance(exc, TSS2_Exception) and _is_connection_error(exc):
+                # The remaining flushes would fail the same way.
+                return
+
+
 def _startup_counts(esapi: ESAPI) -> tuple[int, int]:
     """Return the TPM's (resetCount, restartCount), read with TPM2_ReadClock."""
     clock_info = esapi.read_clock().clockInfo
@@ -422,18 +439,15 @@ class Tpm:
         if esapi is None:
             return
 
-        # Best effort: after a lost connection these calls fail too, and a
-        # restarted TPM has dropped its transient objects and sessions anyway.
-        try:
-            if flush_handles and session is not None:
-                tpmsession.flush(esapi.tcti, session.handle)
-            for key_handle in loaded_keys:
-                esapi.flush_context(key_handle)
-            for parent_handle, handle in parents.items():
-                if flush_handles and parent_handle in flush_parents:
-                    esapi.flush_context(handle)
-        except (TSS2_Exception, TpmResponseError) as exc:
-            logger.debug("flushing TPM handles on reset failed: %s", exc)
+        if flush_handles:
+            handles = [] if session is None else [session.handle]
+            handles += [int(esapi.tr_get_tpm_handle(handle)) for handle in loaded_keys]
+            handles += [
+                int(esapi.tr_get_tpm_handle(handle))
+                for parent_handle, handle in parents.items()
+                if parent_handle in flush_parents
+            ]
+            _flush_each(esapi, handles)
         try:
             esapi.close()
         except TSS2_Exception as exc:
