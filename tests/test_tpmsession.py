@@ -277,3 +277,19 @@ def test_pin_trailing_zero_bytes_ignored(swtpm, store) -> None:
         identity = tpmsigner.create_identity(tpm, store, "work", b"pin-with-zero\0")
         signature = tpmsigner.sign_data(tpm, store, identity, b"payload", b"pin-with-zero\0")
         assert asyncssh.import_public_key(identity.openssh_line()).verify(b"payload", signature)
+
+
+@pytest.mark.parametrize("zero_pin", [b"\0", b"\0\0\0\0"])
+def test_pin_of_zero_bytes_rejected(swtpm, store, zero_pin: bytes) -> None:
+    # The TPM drops trailing zero bytes, so such a PIN would leave the key
+    # with an empty authValue that any local process can sign with.
+    with Tpm(swtpm.tcti) as tpm:
+        with pytest.raises(ValueError, match="zero bytes"):
+            tpmsigner.create_identity(tpm, store, "zero", zero_pin)
+        assert store.list() == []
+
+        identity = tpmsigner.create_identity(tpm, store, "work", PIN)
+        with pytest.raises(ValueError, match="zero bytes"):
+            tpm.change_pin(store.key_blob(identity), PIN, zero_pin)
+        signature = tpmsigner.sign_data(tpm, store, identity, b"payload", PIN)
+    assert asyncssh.import_public_key(identity.openssh_line()).verify(b"payload", signature)

@@ -107,6 +107,11 @@ def check_pin_length(pin: bytes) -> None:
     """Raise ValueError for a PIN that is empty or longer than a key can have."""
     if not pin:
         raise ValueError("the PIN is empty; every key needs a PIN")
+    if not pin.rstrip(b"\0"):
+        # The TPM drops trailing zero bytes from a new authValue (swtpm
+        # does), so this key would get an empty one that any local process
+        # can sign with.
+        raise ValueError("the PIN has only zero bytes, which the TPM drops; every key needs a PIN")
     if len(pin) > MAX_PIN_BYTES:
         raise ValueError(
             f"the PIN is {len(pin)} bytes long; a TPM key's PIN can have at most {MAX_PIN_BYTES} bytes (UTF-8)"
