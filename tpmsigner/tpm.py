@@ -973,7 +973,8 @@ class Tpm:
             key_handle = self._context().load(parent_handle, private, public, session1=ESYS_TR.PASSWORD)
         except TSS2_Exception as exc:
             error = self._translate(exc, "loading the key")
-            if type(error) is TpmError:
+            # A full TPM says nothing about the key, and its message names the fix.
+            if type(error) is TpmError and _response_code(exc) != TPM2_RC.OBJECT_MEMORY:
                 raise TpmKeyLoadError(
                     "the key does not load on this TPM: the key file was made on another "
                     f"TPM, or this TPM was cleared since ({exc}). The key cannot be used here",
