@@ -149,6 +149,28 @@ def test_session_flushed_by_another_client_leaves_no_key(signing, swtpm) -> None
     assert loaded_handles(swtpm.tcti) == {"transient": [], "sessions": []}
 
 
+@pytest.mark.parametrize("flushed", ["sessions", "transient"])
+def test_handle_flushed_by_another_client(signing, swtpm, flushed: str) -> None:
+    tpm, store, identity = signing
+    # Without a resource manager, another client can flush Tpm's session or
+    # its signing key (the last transient object loaded), with no restart.
+    other = ESAPI(TCTILdr.parse(swtpm.tcti))
+    try:
+        handle = loaded_handles(swtpm.tcti)[flushed][-1]
+        other.flush_context(other.tr_from_tpmpublic(handle))
+    finally:
+        other.close()
+
+    with pytest.raises(tpmsigner.TpmUnavailableError, match="no longer has"):
+        tpmsigner.sign_data(tpm, store, identity, b"after the flush", PIN)
+
+    # Tpm flushed what it still had loaded, so swtpm has room for the next request.
+    assert loaded_handles(swtpm.tcti) == {"transient": [], "sessions": []}
+    check_next_signature(tpm, store, identity)
+    tpm.close()
+    assert loaded_handles(swtpm.tcti) == {"transient": [], "sessions": []}
+
+
 def test_restart_leaves_other_clients_objects(swtpm, tmp_path: Path) -> None:
     store = tpmsigner.KeyStore(tmp_path / "home")
     tpm = Tpm(swtpm.tcti)

@@ -542,10 +542,17 @@ class Tpm:
                 rc=int(exc.rc),
             )
         if code in _NOT_LOADED_CODES:
-            self._reset(flush_handles=False)
+            if self._restarted():
+                self._reset(flush_handles=False)
+                cause = "it was restarted during the command"
+            else:
+                # Another client of a TPM without a resource manager flushed
+                # one handle, so the others are still this program's to flush.
+                self._reset()
+                cause = "another program that shares the TPM without a resource manager flushed it"
             return TpmUnavailableError(
-                f"{what} failed: the TPM no longer has the storage key or session loaded before ({exc}); "
-                "it was probably restarted during the command. The next request loads them again",
+                f"{what} failed: the TPM no longer has the storage key, signing key or session loaded "
+                f"before ({exc}); {cause}. The next request loads them again",
                 rc=int(exc.rc),
             )
 
@@ -568,6 +575,15 @@ class Tpm:
                 rc=int(exc.rc),
             )
         return TpmError(f"{what} failed: {exc}", rc=int(exc.rc))
+
+    def _restarted(self) -> bool:
+        """Return whether the TPM was reset or restarted since the context was opened; True if unknown."""
+        if self._esapi is None or self._startup_counts is None:
+            return True
+        try:
+            return _startup_counts(self._esapi) != self._startup_counts
+        except TSS2_Exception:
+            return True
 
     def _tries_left_text(self) -> str:
         try:
