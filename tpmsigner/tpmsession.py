@@ -50,6 +50,7 @@ except ImportError:  # pragma: no cover - older pyca/cryptography
     from cryptography.hazmat.primitives.ciphers.modes import CFB
 
 from tpm2_pytss import TSS2_Exception
+from tpm2_pytss.constants import TPM2_HT, TSS2_RC
 from tpm2_pytss.types import TPMT_PUBLIC
 
 from .errors import TpmError
@@ -89,9 +90,6 @@ RESPONSE_BUFFER_BYTES = 4096
 # and reject every new command until it is read.  So a longer response is
 # read again with this buffer, and its parser then rejects the extra bytes.
 LONG_RESPONSE_BUFFER_BYTES = 1 << 20
-TSS2_TCTI_RC_INSUFFICIENT_BUFFER = 0x000A0006
-
-TPM_HT_HMAC_SESSION = 0x02
 
 # Part 2, section 11.1.3 (TPM_ALG_ID for hashes) and the hashlib names.
 _HASH_NAMES = {0x0004: "sha1", 0x000B: "sha256", 0x000C: "sha384", 0x000D: "sha512"}
@@ -235,7 +233,7 @@ def _receive(transport: Transport) -> bytes:
     try:
         return transport.receive(RESPONSE_BUFFER_BYTES, -1)
     except TSS2_Exception as exc:
-        if int(exc.rc) != TSS2_TCTI_RC_INSUFFICIENT_BUFFER:
+        if int(exc.rc) != TSS2_RC.TCTI_RC_INSUFFICIENT_BUFFER:
             raise
 
     # NOTE: a response longer than LONG_RESPONSE_BUFFER_BYTES fails this
@@ -330,7 +328,7 @@ def start_salted_session(transport: Transport, salt_handle: int, salt_key: SaltK
     except TpmResponseError:
         # The TPM has started a session that cannot be used.  Without a
         # resource manager it would keep one of the TPM's few session slots.
-        if handle >> 24 == TPM_HT_HMAC_SESSION:
+        if handle >> 24 == TPM2_HT.HMAC_SESSION:
             _flush_quietly(transport, handle)
         raise
 
