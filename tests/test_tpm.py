@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import asyncssh
@@ -269,4 +270,38 @@ def test_worker_flushes_idle_loaded_keys(swtpm, store) -> None:
     # The storage primary and the signing key, then the primary alone.
     assert right_after == 2
     assert idle == 1
+    assert loaded_handles(swtpm.tcti) == {"transient": [], "sessions": []}
+
+
+def test_threads_share_one_tpm(swtpm, store) -> None:
+    tpm = Tpm(swtpm.tcti)
+    try:
+        identities = [tpmsigner.create_identity(tpm, store, label, PIN) for label in ("one", "two")]
+        tries_before = tpm.lockout_status().failed_tries
+
+        def work(worker: int) -> list[bool]:
+            verified = []
+            for round_number in range(8):
+                identity = identities[(worker + round_number) % len(identities)]
+                data = b"thread %d round %d" % (worker, round_number)
+                if worker == 0 and round_number == 3:
+                    with pytest.raises(TpmAuthError):
+                        tpmsigner.sign_data(tpm, store, identity, data, b"wrong-pin")
+                elif round_number % 4 == 1:
+                    tpm.check_ready(PARENT_OWNER)
+                elif round_number % 4 == 2:
+                    tpm.flush_loaded_keys()
+                signature = tpmsigner.sign_data(tpm, store, identity, data, PIN)
+                verified.append(asyncssh.import_public_key(identity.openssh_line()).verify(data, signature))
+            return verified
+
+        # Every call shares one TCTI, so a raw command of one thread sent
+        # between another thread's command and response would fail that call.
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            results = list(pool.map(work, range(6)))
+
+        assert results == [[True] * 8] * 6
+        assert tpm.lockout_status().failed_tries == tries_before + 1
+    finally:
+        tpm.close()
     assert loaded_handles(swtpm.tcti) == {"transient": [], "sessions": []}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import asyncssh
 import pytest
 from tpm2_pytss import ESAPI
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
@@ -12,7 +13,7 @@ from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
 
 import tpmsigner
 from tests.support.chain import Chain
-from tpmsigner.errors import UnsupportedByTpmError
+from tpmsigner.errors import TpmKeyLoadError, UnsupportedByTpmError
 from tpmsigner.keytypes import KEY_TYPES
 from tpmsigner.protocol.sshkeys import SSH_AGENT_RSA_SHA2_256
 from tpmsigner.templates import srk_ecc_p256_template
@@ -69,6 +70,37 @@ def test_full_object_memory_is_reported(chain: Chain, swtpm) -> None:
     assert "out of object memory" in result.stderr
     assert "resource manager" in result.stderr
     assert not (chain.signer_home / "keys" / "second.json").exists()
+
+
+def test_full_object_memory_at_signing_is_reported(swtpm, tmp_path) -> None:
+    store = tpmsigner.KeyStore(tmp_path / "home")
+    tpm = tpmsigner.Tpm(swtpm.tcti)
+    hog = ESAPI(TCTILdr.parse(swtpm.tcti))
+    handles = []
+    try:
+        identity = tpmsigner.create_identity(tpm, store, "work", PIN.encode())
+        # The storage key keeps one of swtpm's three object slots, and
+        # another client without a resource manager takes the other two.
+        for _ in range(2):
+            handle, _, _, _, _ = hog.create_primary(
+                TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=srk_ecc_p256_template()), ESYS_TR.RH_OWNER
+            )
+            handles.append(handle)
+
+        with pytest.raises(tpmsigner.TpmError, match="out of object memory") as raised:
+            tpmsigner.sign_data(tpm, store, identity, b"data", PIN.encode())
+        assert not isinstance(raised.value, TpmKeyLoadError)
+
+        for handle in handles:
+            hog.flush_context(handle)
+        handles.clear()
+        signature = tpmsigner.sign_data(tpm, store, identity, b"data", PIN.encode())
+        assert asyncssh.import_public_key(identity.openssh_line()).verify(b"data", signature)
+    finally:
+        for handle in handles:
+            hog.flush_context(handle)
+        hog.close()
+        tpm.close()
 
 
 def test_missing_hash_is_reported(swtpm, tmp_path) -> None:

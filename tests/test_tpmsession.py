@@ -114,6 +114,33 @@ def test_session_salted_to_an_rsa_storage_key(swtpm, store) -> None:
         assert public_key.verify(b"payload %d" % n, signature)
 
 
+def test_session_salted_to_a_p384_storage_key(swtpm, store) -> None:
+    # A P-384 SRK with SHA-384 as its name algorithm makes a 48-byte salt
+    # from KDFe with SHA-384, which swtpm must derive the same way.
+    template = TPMT_PUBLIC.parse(
+        "ecc384:aes256cfb",
+        nameAlg="sha384",
+        objectAttributes="fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|decrypt|noda",
+    )
+    esapi = ESAPI(TCTILdr.parse(swtpm.tcti))
+    try:
+        primary, _, _, _, _ = esapi.create_primary(
+            TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=template), ESYS_TR.RH_OWNER
+        )
+        esapi.evict_control(ESYS_TR.RH_OWNER, primary, SRK_PERSISTENT_HANDLE)
+        esapi.flush_context(primary)
+    finally:
+        esapi.close()
+
+    with Tpm(swtpm.tcti) as tpm:
+        identity = tpmsigner.create_identity(tpm, store, "work", PIN)
+        signatures = [tpmsigner.sign_data(tpm, store, identity, b"payload %d" % n, PIN) for n in range(3)]
+    assert store.key_blob(identity).parent == SRK_PERSISTENT_HANDLE
+    public_key = asyncssh.import_public_key(identity.openssh_line())
+    for n, signature in enumerate(signatures):
+        assert public_key.verify(b"payload %d" % n, signature)
+
+
 class ChangingTransport:
     """Passes commands to swtpm's TCTI and lets a test change swtpm's responses."""
 
@@ -277,3 +304,19 @@ def test_pin_trailing_zero_bytes_ignored(swtpm, store) -> None:
         identity = tpmsigner.create_identity(tpm, store, "work", b"pin-with-zero\0")
         signature = tpmsigner.sign_data(tpm, store, identity, b"payload", b"pin-with-zero\0")
         assert asyncssh.import_public_key(identity.openssh_line()).verify(b"payload", signature)
+
+
+@pytest.mark.parametrize("zero_pin", [b"\0", b"\0\0\0\0"])
+def test_pin_of_zero_bytes_rejected(swtpm, store, zero_pin: bytes) -> None:
+    # The TPM drops trailing zero bytes, so such a PIN would leave the key
+    # with an empty authValue that any local process can sign with.
+    with Tpm(swtpm.tcti) as tpm:
+        with pytest.raises(ValueError, match="zero bytes"):
+            tpmsigner.create_identity(tpm, store, "zero", zero_pin)
+        assert store.list() == []
+
+        identity = tpmsigner.create_identity(tpm, store, "work", PIN)
+        with pytest.raises(ValueError, match="zero bytes"):
+            tpm.change_pin(store.key_blob(identity), PIN, zero_pin)
+        signature = tpmsigner.sign_data(tpm, store, identity, b"payload", PIN)
+    assert asyncssh.import_public_key(identity.openssh_line()).verify(b"payload", signature)

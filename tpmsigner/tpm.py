@@ -107,6 +107,11 @@ def check_pin_length(pin: bytes) -> None:
     """Raise ValueError for a PIN that is empty or longer than a key can have."""
     if not pin:
         raise ValueError("the PIN is empty; every key needs a PIN")
+    if not pin.rstrip(b"\0"):
+        # The TPM drops trailing zero bytes from a new authValue (swtpm
+        # does), so this key would get an empty one that any local process
+        # can sign with.
+        raise ValueError("the PIN has only zero bytes, which the TPM drops; every key needs a PIN")
     if len(pin) > MAX_PIN_BYTES:
         raise ValueError(
             f"the PIN is {len(pin)} bytes long; a TPM key's PIN can have at most {MAX_PIN_BYTES} bytes (UTF-8)"
@@ -301,6 +306,23 @@ def _is_connection_error(exc: TSS2_Exception) -> bool:
     return bool(rc & _TSS_LAYER_MASK) and (rc & _TSS_BASE_MASK) in _CONNECTION_BASE_CODES
 
 
+def _flush_each(esapi: ESAPI, handles: list[int]) -> None:
+    """Flush each TPM handle, best effort, through the context's TCTI.
+
+    Each handle is flushed on its own, so one that is already gone (flushed
+    by another client) leaves no other loaded.  The raw command still works
+    when ESAPI itself has failed.
+    """
+    for handle in handles:
+        try:
+            tpmsession.flush(esapi.tcti, handle)
+        except (TSS2_Exception, TpmResponseError) as exc:
+            logger.debug("flushing TPM handle 0x%08x failed: %s", handle, exc)
+            if isinstance(exc, TSS2_Exception) and _is_connection_error(exc):
+                # The remaining flushes would fail the same way.
+                return
+
+
 def _startup_counts(esapi: ESAPI) -> tuple[int, int]:
     """Return the TPM's (resetCount, restartCount), read with TPM2_ReadClock."""
     clock_info = esapi.read_clock().clockInfo
@@ -422,18 +444,15 @@ class Tpm:
         if esapi is None:
             return
 
-        # Best effort: after a lost connection these calls fail too, and a
-        # restarted TPM has dropped its transient objects and sessions anyway.
-        try:
-            if flush_handles and session is not None:
-                tpmsession.flush(esapi.tcti, session.handle)
-            for key_handle in loaded_keys:
-                esapi.flush_context(key_handle)
-            for parent_handle, handle in parents.items():
-                if flush_handles and parent_handle in flush_parents:
-                    esapi.flush_context(handle)
-        except (TSS2_Exception, TpmResponseError) as exc:
-            logger.debug("flushing TPM handles on reset failed: %s", exc)
+        if flush_handles:
+            handles = [] if session is None else [session.handle]
+            handles += [int(esapi.tr_get_tpm_handle(handle)) for handle in loaded_keys]
+            handles += [
+                int(esapi.tr_get_tpm_handle(handle))
+                for parent_handle, handle in parents.items()
+                if parent_handle in flush_parents
+            ]
+            _flush_each(esapi, handles)
         try:
             esapi.close()
         except TSS2_Exception as exc:
@@ -523,10 +542,17 @@ class Tpm:
                 rc=int(exc.rc),
             )
         if code in _NOT_LOADED_CODES:
-            self._reset(flush_handles=False)
+            if self._restarted():
+                self._reset(flush_handles=False)
+                cause = "it was restarted during the command"
+            else:
+                # Another client of a TPM without a resource manager flushed
+                # one handle, so the others are still this program's to flush.
+                self._reset()
+                cause = "another program that shares the TPM without a resource manager flushed it"
             return TpmUnavailableError(
-                f"{what} failed: the TPM no longer has the storage key or session loaded before ({exc}); "
-                "it was probably restarted during the command. The next request loads them again",
+                f"{what} failed: the TPM no longer has the storage key, signing key or session loaded "
+                f"before ({exc}); {cause}. The next request loads them again",
                 rc=int(exc.rc),
             )
 
@@ -549,6 +575,15 @@ class Tpm:
                 rc=int(exc.rc),
             )
         return TpmError(f"{what} failed: {exc}", rc=int(exc.rc))
+
+    def _restarted(self) -> bool:
+        """Return whether the TPM was reset or restarted since the context was opened; True if unknown."""
+        if self._esapi is None or self._startup_counts is None:
+            return True
+        try:
+            return _startup_counts(self._esapi) != self._startup_counts
+        except TSS2_Exception:
+            return True
 
     def _tries_left_text(self) -> str:
         try:
@@ -954,7 +989,8 @@ class Tpm:
             key_handle = self._context().load(parent_handle, private, public, session1=ESYS_TR.PASSWORD)
         except TSS2_Exception as exc:
             error = self._translate(exc, "loading the key")
-            if type(error) is TpmError:
+            # A full TPM says nothing about the key, and its message names the fix.
+            if type(error) is TpmError and _response_code(exc) != TPM2_RC.OBJECT_MEMORY:
                 raise TpmKeyLoadError(
                     "the key does not load on this TPM: the key file was made on another "
                     f"TPM, or this TPM was cleared since ({exc}). The key cannot be used here",

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import struct
 from dataclasses import dataclass, field
@@ -49,9 +50,12 @@ except ImportError:  # pragma: no cover - older pyca/cryptography
     from cryptography.hazmat.primitives.ciphers.modes import CFB
 
 from tpm2_pytss import TSS2_Exception
+from tpm2_pytss.constants import TPM2_HT, TSS2_RC
 from tpm2_pytss.types import TPMT_PUBLIC
 
 from .errors import TpmError
+
+logger = logging.getLogger(__name__)
 
 # TPM 2.0 Library Part 2, section 6: the constants used here.
 TPM_ST_NO_SESSIONS = 0x8001
@@ -79,9 +83,13 @@ SIGN_SESSION_ATTRIBUTES = SESSION_CONTINUE | SESSION_DECRYPT
 _RESEND_CODES = frozenset({0x908, 0x90A, 0x922})
 MAX_RESENDS = 16
 
-# The maximum response size read.  An RSA-4096 signature with its session
-# area is about 600 bytes, and swtpm's maximum response size is 4096.
-MAX_RESPONSE_BYTES = 4096
+# The buffer for one response.  An RSA-4096 signature with its session area
+# is about 600 bytes, and swtpm's maximum response size is 4096.
+RESPONSE_BUFFER_BYTES = 4096
+# The tss2 swtpm and mssim TCTIs keep a response that did not fit the buffer
+# and reject every new command until it is read.  So a longer response is
+# read again with this buffer, and its parser then rejects the extra bytes.
+LONG_RESPONSE_BUFFER_BYTES = 1 << 20
 
 # Part 2, section 11.1.3 (TPM_ALG_ID for hashes) and the hashlib names.
 _HASH_NAMES = {0x0004: "sha1", 0x000B: "sha256", 0x000C: "sha384", 0x000D: "sha512"}
@@ -203,7 +211,7 @@ def execute(transport: Transport, command: bytes) -> tuple[int, bytes]:
     """
     for _ in range(MAX_RESENDS):
         transport.transmit(command)
-        response = transport.receive(MAX_RESPONSE_BYTES, -1)
+        response = _receive(transport)
         reader = _Reader(response, "response header")
         tag = struct.unpack(">H", reader.take(2))[0]
         size = reader.u32()
@@ -218,6 +226,20 @@ def execute(transport: Transport, command: bytes) -> tuple[int, bytes]:
             raise TSS2_Exception(code)
         return tag, response[10:]
     raise TSS2_Exception(code)
+
+
+def _receive(transport: Transport) -> bytes:
+    """Return one whole response, even one longer than RESPONSE_BUFFER_BYTES."""
+    try:
+        return transport.receive(RESPONSE_BUFFER_BYTES, -1)
+    except TSS2_Exception as exc:
+        if int(exc.rc) != TSS2_RC.TCTI_RC_INSUFFICIENT_BUFFER:
+            raise
+
+    # NOTE: a response longer than LONG_RESPONSE_BUFFER_BYTES fails this
+    # read too and leaves the TCTI unusable, so Tpm cannot flush its
+    # handles before it opens a new context.
+    return transport.receive(LONG_RESPONSE_BUFFER_BYTES, -1)
 
 
 # ---- the session -----------------------------------------------------------
@@ -300,8 +322,15 @@ def start_salted_session(transport: Transport, salt_handle: int, salt_key: SaltK
     _, rest = execute(transport, _command(TPM_ST_NO_SESSIONS, TPM_CC_START_AUTH_SESSION, body))
     reader = _Reader(rest, "TPM2_StartAuthSession response")
     handle = reader.u32()
-    nonce_tpm = reader.sized()
-    reader.end()
+    try:
+        nonce_tpm = reader.sized()
+        reader.end()
+    except TpmResponseError:
+        # The TPM has started a session that cannot be used.  Without a
+        # resource manager it would keep one of the TPM's few session slots.
+        if handle >> 24 == TPM2_HT.HMAC_SESSION:
+            _flush_quietly(transport, handle)
+        raise
 
     # Part 1, section 19.6.8: with no bind, the key is made from the salt alone.
     bits = hashlib.new(_SESSION_HASH).digest_size * 8
@@ -367,4 +396,13 @@ def sign(
 
 def flush(transport: Transport, handle: int) -> None:
     """Flush a session or transient object with TPM2_FlushContext (Part 3, section 28.4)."""
-    execute(transport, _command(TPM_ST_NO_SESSIONS, TPM_CC_FLUSH_CONTEXT, struct.pack(">I", handle)))
+    _, rest = execute(transport, _command(TPM_ST_NO_SESSIONS, TPM_CC_FLUSH_CONTEXT, struct.pack(">I", handle)))
+    _Reader(rest, "TPM2_FlushContext response").end()
+
+
+def _flush_quietly(transport: Transport, handle: int) -> None:
+    """Flush ``handle`` while another error is being raised, which is the one reported."""
+    try:
+        flush(transport, handle)
+    except (TSS2_Exception, TpmResponseError) as exc:
+        logger.debug("flushing handle 0x%08x failed: %s", handle, exc)
