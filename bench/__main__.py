@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench", description="tpmsigner side by side with the TPM floor and OpenSSH agents")
     parser.add_argument("--quick", action="store_true", help="tiny counts: checks that every path works, measures nothing useful")
     parser.add_argument("--samples", type=int, help="sign latency samples per path (default 300)")
-    parser.add_argument("--rounds", type=int, help="times the sign paths take turns (default 3)")
+    parser.add_argument("--rounds", type=int, help="times the sign paths take turns (default 10)")
     parser.add_argument("--counts", type=int, nargs="+", help="identity counts for the listing table (default 1 10 100 1000)")
     parser.add_argument("--clients", type=int, nargs="+", help="concurrent clients for the throughput table (default 1 4 16 64)")
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="run only these phases")
@@ -65,6 +65,9 @@ def options_from(args: argparse.Namespace) -> Options:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.quick and args.write_docs:
+        print("bench: --quick measures nothing useful, so it cannot --write-docs", file=sys.stderr)
+        return 2
     options = options_from(args)
     output = args.output or Path(tempfile.mkdtemp(prefix="tpmsigner-bench-results-"))
     output.mkdir(parents=True, exist_ok=True)
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     results["started"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
     results["command"] = "bench/run " + " ".join(argv if argv is not None else sys.argv[1:])
     results["options"] = vars(options)
+    results["quick"] = args.quick
     (output / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     markdown = report.markdown(results)
     (output / "results.md").write_text(markdown)

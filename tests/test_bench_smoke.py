@@ -102,5 +102,22 @@ def test_report_has_every_section(quick_run) -> None:
         "### Resident memory",
     ):
         assert heading in report
+    # A quick run claims no target as met or missed.
+    assert "not measurements" in report
+    assert "| met |" not in report
+    assert "not met" not in report
     if importlib.util.find_spec("matplotlib") is not None:
         assert (output / "benchmarks-sign-latency.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_quick_run_refuses_write_docs() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--write-docs"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 2
+    assert "cannot --write-docs" in result.stderr
