@@ -513,21 +513,29 @@ class Tpm:
         return esapi
 
     def _flush_stale_handles(self, esapi: ESAPI) -> None:
-        """Flush transient objects and sessions that a killed process left behind.
+        """Flush every transient object and loaded session found when the context opens.
 
-        An emulator reached without a resource manager keeps them across
-        connections, and after two or three such leaks it has no object slot
-        left.  Only a long-running owner of the emulator (``serve``) turns this
-        on, because it also flushes the handles of any other live client.
+        An emulator reached without a resource manager keeps what a killed
+        process loaded across connections, and after two or three such leaks
+        it has no object slot left.  The TPM cannot tell those handles from
+        the ones a live client still uses, so only a long-running owner of
+        the TPM turns this on: ``serve``, whose first TPM call comes after it
+        has bound its listening address.
         """
         for handle_type in (TPM2_HT.TRANSIENT, TPM2_HT.LOADED_SESSION):
             try:
                 _, data = esapi.get_capability(TPM2_CAP.HANDLES, handle_type << 24, 64)
                 for handle in list(data.data.handles):
                     esapi.flush_context(esapi.tr_from_tpmpublic(handle))
-                    logger.warning("flushed stale TPM handle 0x%08x left by an earlier process", handle)
+                    logger.warning(
+                        "flushed TPM handle 0x%08x, which was already loaded when tpmsigner connected to %r: "
+                        "either a killed process left it, or another program that uses this TPM without a "
+                        "resource manager has lost it",
+                        handle,
+                        self.tcti,
+                    )
             except TSS2_Exception as exc:
-                logger.warning("could not flush stale TPM handles: %s", exc)
+                logger.warning("could not flush the TPM handles that were loaded before tpmsigner connected: %s", exc)
 
     def _translate(self, exc: TSS2_Exception, what: str) -> TpmError:
         """Turn a TSS2 exception into a TpmError, resetting state as needed."""
