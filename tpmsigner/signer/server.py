@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ..audit import AuditLog, outcome_for_failure
 from ..errors import (
     CertificateError,
+    ChannelClosedError,
     ChannelError,
     TpmSignerError,
     ConfigError,
@@ -358,6 +359,10 @@ class _AgentSession:
             while True:
                 try:
                     payload = await self.secure.receive()
+                except ChannelClosedError as exc:
+                    # An agent that stops or reconnects closes between messages.
+                    logger.info("device %r: channel closed: %s", self.device.name, exc)
+                    return
                 except ChannelError as exc:
                     logger.warning("device %r: channel closed: %s", self.device.name, exc)
                     return
