@@ -176,7 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
         "activation it serves the socket it was given, in the foreground.",
     )
     run.add_argument(
-        "-a", "--socket", metavar="PATH", help="socket path (default: a new directory under $XDG_RUNTIME_DIR or /tmp)"
+        "-a",
+        "--socket",
+        metavar="PATH",
+        help="socket path (default: agent.sock in a new directory under $XDG_RUNTIME_DIR or /tmp, removed on exit)",
     )
     run.add_argument(
         "-D",
