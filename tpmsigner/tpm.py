@@ -68,6 +68,7 @@ from .errors import (
 )
 from .keytypes import DEFAULT_KEY_TYPE, KEY_TYPES, KeyType
 from .loadedkeys import LoadedKeys, loaded_key_capacity
+from .tcti import has_resource_manager
 from . import tpmsession
 from .tpmsession import SaltedSession, TpmResponseError
 from .protocol.sshkeys import NISTP256, NISTP384, EcdsaPublicKey, RsaPublicKey, SshPublicKey, public_key_from_blob
@@ -128,9 +129,6 @@ RawSignature = tuple[int, int] | bytes
 # in between still fails the signature with TPM_RC_LOCKOUT, and such a try
 # is not counted.
 LOCKOUT_STATUS_REUSE_SECONDS = 1.0
-
-# TCTIs that talk to a TPM or emulator with no resource manager in between.
-_NO_RESOURCE_MANAGER_TCTIS = {"swtpm", "mssim"}
 
 _TSS_LAYER_MASK = 0xFF0000
 _TSS_BASE_MASK = 0xFFFF
@@ -468,7 +466,7 @@ class Tpm:
                     "(or swtpm) is running and that --tcti or TPMSIGNER_TCTI names it",
                     rc=int(exc.rc),
                 ) from None
-            if self.flush_stale_handles and self.tcti.split(":", 1)[0] in _NO_RESOURCE_MANAGER_TCTIS:
+            if self.flush_stale_handles and not has_resource_manager(self.tcti):
                 self._flush_stale_handles(self._esapi)
         return self._esapi
 
