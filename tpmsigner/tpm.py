@@ -89,6 +89,19 @@ DEFAULT_TCTI = "device:/dev/tpmrm0"
 # primary under the owner hierarchy", created on demand.
 PARENT_OWNER = 0x40000001
 
+
+def describe_parent(parent: int) -> str:
+    """Return a key file's parent handle in words, for output that people read.
+
+    PARENT_OWNER is a hierarchy, not a key's handle, so it is named after
+    the primary key that is created under it.
+    """
+    if parent == PARENT_OWNER:
+        return "owner-hierarchy primary (created on demand)"
+    if parent >> 24 == TPM2_HT.PERSISTENT:
+        return f"persistent key 0x{parent:08x}"
+    return f"handle 0x{parent:08x}"
+
 _TPM_CURVE_IDS = {NISTP256.ssh_name: TPM2_ECC.NIST_P256, NISTP384.ssh_name: TPM2_ECC.NIST_P384}
 _CURVES_BY_TPM_ID = {TPM2_ECC.NIST_P256: NISTP256, TPM2_ECC.NIST_P384: NISTP384}
 _TPM_HASH_ALGS = {
