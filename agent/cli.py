@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
-        "--home", help="agent state directory (default: $TPMSIGNER_AGENT_HOME, else $XDG_DATA_HOME/tpmsigner-agent)"
+        "--home",
+        help="agent state directory (default: $TPMSIGNER_AGENT_HOME, else $XDG_DATA_HOME/tpmsigner-agent, "
+        "else ~/.local/share/tpmsigner-agent)",
     )
     add_verbosity_options(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

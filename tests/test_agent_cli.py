@@ -12,7 +12,11 @@ import subprocess
 
 import pytest
 
+from tpmsigner.cli import build_parser as build_signer_parser
 from tpmsigner.protocol.channel import format_public_key
+from tpmsigner.store import default_home as signer_default_home
+from tpmsigner_agent.cli import build_parser as build_agent_parser
+from tpmsigner_agent.config import default_home as agent_default_home
 from tests.support import pid_is_running, wait_until
 from tests.support.chain import AGENT_COMMAND, Chain
 
@@ -222,3 +226,24 @@ def test_key_from_two_signers_is_listed_once(chain: Chain) -> None:
     listed = chain.ssh_add("-L").stdout.splitlines()
 
     assert listed == [public_line]
+
+
+@pytest.mark.parametrize(
+    ("build_parser", "default_home", "variable"),
+    [
+        (build_signer_parser, signer_default_home, "TPMSIGNER_HOME"),
+        (build_agent_parser, agent_default_home, "TPMSIGNER_AGENT_HOME"),
+    ],
+    ids=["tpmsigner", "tpmsigner-agent"],
+)
+def test_home_help_names_every_fallback(build_parser, default_home, variable: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv(variable, raising=False)
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    fallback = "~/" + str(default_home().relative_to(tmp_path))
+
+    help_text = " ".join(build_parser().format_help().split())
+
+    assert f"${variable}" in help_text
+    assert f"$XDG_DATA_HOME/{default_home().name}" in help_text
+    assert fallback in help_text
