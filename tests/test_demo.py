@@ -28,7 +28,7 @@ def demo_environment(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
 
 
-def test_demo_piped_prints_plain_text(demo_environment: dict[str, str]) -> None:
+def test_demo_piped_prints_plain_text(demo_environment: dict[str, str], tmp_path: Path) -> None:
     result = subprocess.run(
         [str(DEMO)],
         env=demo_environment,
@@ -42,6 +42,9 @@ def test_demo_piped_prints_plain_text(demo_environment: dict[str, str]) -> None:
     assert "==> Starting swtpm, a software TPM, on 127.0.0.1\n" in result.stdout
     assert "with a key that never left the TPM" in result.stdout
     assert ESCAPE not in result.stdout
+    # The agent's audit log stays in the demo's temporary directory, out
+    # of the user's own log under $XDG_STATE_HOME.
+    assert not (tmp_path / "state").exists()
 
 
 def test_demo_on_terminal_prints_bold_titles(demo_environment: dict[str, str]) -> None:
