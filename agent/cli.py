@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
-        "--home", help="agent state directory (default: $TPMSIGNER_AGENT_HOME, else $XDG_DATA_HOME/tpmsigner-agent)"
+        "--home",
+        help="agent state directory (default: $TPMSIGNER_AGENT_HOME, else $XDG_DATA_HOME/tpmsigner-agent, "
+        "else ~/.local/share/tpmsigner-agent)",
     )
     add_verbosity_options(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -176,7 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
         "activation it serves the socket it was given, in the foreground.",
     )
     run.add_argument(
-        "-a", "--socket", metavar="PATH", help="socket path (default: a new directory under $XDG_RUNTIME_DIR or /tmp)"
+        "-a",
+        "--socket",
+        metavar="PATH",
+        help="socket path (default: agent.sock in a new directory under $XDG_RUNTIME_DIR or /tmp, removed on exit)",
     )
     run.add_argument(
         "-D",

@@ -36,6 +36,10 @@ class ListeningSocket:
     # A socket passed by systemd belongs to its .socket unit, which
     # removes it; the agent must not unlink it on exit.
     owns_path: bool
+    # The temporary directory made for a socket without --socket, which the
+    # agent removes on exit, as ssh-agent does.  None for a path the user
+    # named, whose directory stays even if the agent created it.
+    temporary_directory: Path | None = None
 
 
 def command_run(args: argparse.Namespace, home: AgentHome) -> int:
@@ -110,8 +114,17 @@ def _listening_socket(args: argparse.Namespace) -> ListeningSocket:
         if args.socket:
             logger.warning("ignoring --socket %s: systemd passed the socket to serve", args.socket)
         return ListeningSocket(activated, socket_path(activated), owns_path=False)
-    path = Path(args.socket) if args.socket else default_socket_path()
-    return ListeningSocket(bind_agent_socket(path), str(path), owns_path=True)
+    if args.socket:
+        path = Path(args.socket)
+        return ListeningSocket(bind_agent_socket(path), str(path), owns_path=True)
+
+    path = default_socket_path()
+    try:
+        sock = bind_agent_socket(path)
+    except ConfigError:
+        _remove_empty_directory(path.parent)
+        raise
+    return ListeningSocket(sock, str(path), owns_path=True, temporary_directory=path.parent)
 
 
 def _upstream(path_text: str | None, own_path: str) -> UpstreamAgent | None:
@@ -149,7 +162,11 @@ def _serve_and_clean_up(
     upstream: UpstreamAgent | None,
     pid_file: str | None,
 ) -> None:
-    """Serve until SIGINT, SIGTERM or SIGHUP, then remove the socket the agent created and the pid file."""
+    """Serve until SIGINT, SIGTERM or SIGHUP, then clean up.
+
+    The cleanup removes the socket the agent created, its temporary
+    directory and the pid file.
+    """
     from .server import AgentServer
 
     signers = home.signers()
@@ -182,6 +199,23 @@ def _close(listening: ListeningSocket) -> None:
             Path(listening.path).unlink()
         except FileNotFoundError:
             pass
+    if listening.temporary_directory is not None:
+        _remove_empty_directory(listening.temporary_directory)
+
+
+def _remove_empty_directory(directory: Path) -> None:
+    """Remove the agent's temporary socket directory unless something else was put in it."""
+    try:
+        directory.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logger.warning(
+            "cannot remove the temporary socket directory %s: %s; remove it by hand when the files in it are "
+            "no longer needed",
+            directory,
+            exc.strerror or exc,
+        )
 
 
 def _kill(args: argparse.Namespace, syntax: str) -> int:

@@ -12,7 +12,11 @@ import subprocess
 
 import pytest
 
+from tpmsigner.cli import build_parser as build_signer_parser
 from tpmsigner.protocol.channel import format_public_key
+from tpmsigner.store import default_home as signer_default_home
+from tpmsigner_agent.cli import build_parser as build_agent_parser
+from tpmsigner_agent.config import default_home as agent_default_home
 from tests.support import pid_is_running, wait_until
 from tests.support.chain import AGENT_COMMAND, Chain
 
@@ -64,6 +68,96 @@ def test_background_mode_prints_ssh_agent_lines(chain: Chain, short_tmp_path) ->
     assert not os.path.exists(socket_path)
     assert "agent listening on" in log_file.read_text()
     assert os.stat(log_file).st_mode & 0o777 == 0o600
+
+
+def start_background_agent(chain: Chain, *args: str, env: dict[str, str]) -> tuple[str, int]:
+    """Start ``run`` in the background, wait until it serves, and return the socket path and pid that it prints."""
+    result = run_agent_command(chain, *args, env=env)
+    assert result.returncode == 0, result.stderr
+    match = re.search(r"SSH_AUTH_SOCK=(\S+); .*\nSSH_AGENT_PID=(\d+);", result.stdout)
+    assert match, result.stdout
+    socket_path, agent_pid = match.group(1), int(match.group(2))
+
+    # The agent handles SIGTERM only once it serves.  ssh-add -l exits with 2
+    # while it cannot reach the agent, and with 1 for an agent without keys.
+    def answers() -> bool:
+        listed = subprocess.run(
+            ["ssh-add", "-l"], env={**env, "SSH_AUTH_SOCK": socket_path}, capture_output=True, timeout=30
+        )
+        return listed.returncode in (0, 1)
+
+    try:
+        wait_until(answers, 15, "the background agent to answer ssh-add -l")
+    except BaseException:
+        os.kill(agent_pid, signal.SIGKILL)
+        raise
+    return socket_path, agent_pid
+
+
+def stop_background_agent(agent_pid: int) -> None:
+    os.kill(agent_pid, signal.SIGTERM)
+    wait_until(lambda: not pid_is_running(agent_pid), 10, "the background agent to exit")
+
+
+def test_default_socket_directory_removed_on_stop(chain: Chain, short_tmp_path) -> None:
+    environment = chain.environment()
+    environment["XDG_RUNTIME_DIR"] = str(short_tmp_path)
+
+    socket_path, agent_pid = start_background_agent(chain, env=environment)
+    stop_background_agent(agent_pid)
+    directory = os.path.dirname(socket_path)
+
+    assert os.path.basename(directory).startswith("tpmsigner-agent.")
+    assert os.path.dirname(directory) == str(short_tmp_path)
+    assert not os.path.exists(socket_path)
+    assert not os.path.exists(directory)
+    assert os.listdir(short_tmp_path) == []
+
+
+def test_default_socket_directory_kept_when_not_empty(chain: Chain, short_tmp_path) -> None:
+    environment = chain.environment()
+    environment["XDG_RUNTIME_DIR"] = str(short_tmp_path)
+
+    socket_path, agent_pid = start_background_agent(chain, env=environment)
+    directory = os.path.dirname(socket_path)
+    try:
+        with open(os.path.join(directory, "not-the-agents"), "w") as other_file:
+            other_file.write("kept\n")
+    finally:
+        stop_background_agent(agent_pid)
+
+    assert not os.path.exists(socket_path)
+    assert os.listdir(directory) == ["not-the-agents"]
+
+
+def test_default_socket_directory_removed_on_error(chain: Chain, short_tmp_path) -> None:
+    # The runtime directory is so long that the socket path in it exceeds
+    # the 107 bytes of sun_path, so the agent fails after making its directory.
+    runtime_directory = short_tmp_path / ("r" * 100)
+    runtime_directory.mkdir()
+    environment = chain.environment()
+    environment["XDG_RUNTIME_DIR"] = str(runtime_directory)
+
+    result = run_agent_command(chain, "--foreground", env=environment)
+
+    assert result.returncode == 1
+    assert "UNIX socket paths may have at most 107" in result.stderr
+    assert os.listdir(runtime_directory) == []
+
+
+@pytest.mark.parametrize("existed", [True, False], ids=["existing", "created"])
+def test_named_socket_directory_kept_on_stop(chain: Chain, short_tmp_path, existed: bool) -> None:
+    directory = short_tmp_path / "sockets"
+    if existed:
+        directory.mkdir(mode=0o700)
+    socket_path = directory / "agent.sock"
+
+    reported_path, agent_pid = start_background_agent(chain, "--socket", str(socket_path), env=chain.environment())
+    stop_background_agent(agent_pid)
+
+    assert reported_path == str(socket_path)
+    assert not socket_path.exists()
+    assert directory.is_dir()
 
 
 def test_socket_path_that_is_a_file_is_refused(chain: Chain) -> None:
@@ -132,3 +226,24 @@ def test_key_from_two_signers_is_listed_once(chain: Chain) -> None:
     listed = chain.ssh_add("-L").stdout.splitlines()
 
     assert listed == [public_line]
+
+
+@pytest.mark.parametrize(
+    ("build_parser", "default_home", "variable"),
+    [
+        (build_signer_parser, signer_default_home, "TPMSIGNER_HOME"),
+        (build_agent_parser, agent_default_home, "TPMSIGNER_AGENT_HOME"),
+    ],
+    ids=["tpmsigner", "tpmsigner-agent"],
+)
+def test_home_help_names_every_fallback(build_parser, default_home, variable: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv(variable, raising=False)
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    fallback = "~/" + str(default_home().relative_to(tmp_path))
+
+    help_text = " ".join(build_parser().format_help().split())
+
+    assert f"${variable}" in help_text
+    assert f"$XDG_DATA_HOME/{default_home().name}" in help_text
+    assert fallback in help_text

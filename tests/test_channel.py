@@ -20,8 +20,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tests.support import LOCALHOST
-from tpmsigner.errors import ChannelError, ConfigError, PeerNotTrustedError
+from tpmsigner.errors import ChannelClosedError, ChannelError, ConfigError, PeerNotTrustedError
 from tpmsigner.protocol.channel import (
+    FRAGMENT_SIZE,
     MAX_PAYLOAD,
     PUBLIC_KEY_PREFIX,
     NoiseChannel,
@@ -259,6 +260,64 @@ def test_truncated_frame_then_eof_raises() -> None:
 
             with pytest.raises(ChannelError, match="the peer closed the connection"):
                 await signer.receive()
+
+    asyncio.run(run())
+
+
+def test_close_between_messages_is_clean() -> None:
+    agent_key, signer_key = StaticKey.generate(), StaticKey.generate()
+
+    async def run() -> None:
+        async with tcp_streams() as (client, served):
+            agent, signer = await handshake(client, served, agent_key, signer_key)
+            await agent.send(b"list")
+            assert await signer.receive() == b"list"
+
+            await agent.close()
+
+            with pytest.raises(ChannelClosedError, match="the peer closed the connection"):
+                await signer.receive()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("kept", [1, 12], ids=["inside-header", "inside-frame"])
+def test_close_inside_frame_is_not_clean(kept: int) -> None:
+    agent_key, signer_key = StaticKey.generate(), StaticKey.generate()
+
+    async def run() -> None:
+        async with tcp_streams() as (client, served):
+            agent, signer = await handshake(client, served, agent_key, signer_key)
+            await agent.send(b"sign this")
+            frame = await read_raw_frame(served[0])
+
+            client[1].write(frame[:kept])
+            client[1].write_eof()
+
+            with pytest.raises(ChannelError, match="in the middle of a frame") as raised:
+                await signer.receive()
+            assert not isinstance(raised.value, ChannelClosedError)
+
+    asyncio.run(run())
+
+
+def test_close_between_fragments_is_not_clean() -> None:
+    agent_key, signer_key = StaticKey.generate(), StaticKey.generate()
+
+    async def run() -> None:
+        async with tcp_streams() as (client, served):
+            agent, signer = await handshake(client, served, agent_key, signer_key)
+            await agent.send(bytes(FRAGMENT_SIZE + 1))
+            first_fragment = await read_raw_frame(served[0])
+            await read_raw_frame(served[0])
+
+            # Only the first of the two fragments reaches the signer.
+            client[1].write(first_fragment)
+            client[1].write_eof()
+
+            with pytest.raises(ChannelError, match="in the middle of a message") as raised:
+                await signer.receive()
+            assert not isinstance(raised.value, ChannelClosedError)
 
     asyncio.run(run())
 

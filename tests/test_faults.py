@@ -34,6 +34,7 @@ from tests.support import Swtpm, pid_is_running, wait_until
 from tests.support.chain import AGENT_COMMAND, Chain
 from tests.support.small_disk import PAGE, SmallDisk, SmallDiskUnavailable
 from tests.test_agent_input import RawAgentClient
+from tests.test_tpm_tampering import loaded_handles
 
 PIN = "4711-faults"
 SSH_AGENT_FAILURE = b"\x05"
@@ -272,6 +273,36 @@ def test_serve_start_fails_on_stopped_tpm(chain: Chain, swtpm: Swtpm) -> None:
     assert result.returncode == 1
     assert f"timed out: no response within {SHORT_TPM_TIMEOUT:g} s" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_second_serve_leaves_first_alone(chain: Chain, swtpm: Swtpm) -> None:
+    public_line = start(chain)
+    assert_signed(sign_reply(chain, public_line), public_line)
+    assert chain.signer is not None
+    handles_before = loaded_handles(swtpm.tcti)
+    assert handles_before["transient"] != []
+    assert handles_before["sessions"] != []
+
+    second = chain.tpmsigner(
+        "serve",
+        "--listen",
+        f"127.0.0.1:{chain.signer_port}",
+        "--approver",
+        f"command:{chain.approver_program}",
+        "--no-mdns",
+        check=False,
+    )
+
+    assert second.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{chain.signer_port}" in second.stderr
+    assert "flushed" not in second.stderr
+    assert "Traceback" not in second.stderr
+    # Without a resource manager, a flush by the second serve would remove
+    # the storage key and session that the running serve has loaded.
+    assert loaded_handles(swtpm.tcti) == handles_before
+    assert_signed(sign_reply(chain, public_line, b"after the second serve"), public_line, b"after the second serve")
+    assert "no longer has" not in chain.signer.log_text()
+    assert chain.signer.is_running()
 
 
 @pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf"])

@@ -10,11 +10,14 @@ import subprocess
 import asyncssh
 import pytest
 from tpm2_pytss import ESAPI
+from tpm2_pytss.constants import ESYS_TR
 from tpm2_pytss.TCTILdr import TCTILdr
+from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
 
 import tpmsigner
 from tpmsigner.errors import TpmAuthError
 from tpmsigner.keyfile import encode_key_file, read_key_file
+from tpmsigner.templates import SRK_PERSISTENT_HANDLE, srk_ecc_p256_template
 from tpmsigner.tpm import Tpm
 from tests.support import start_swtpm
 from tests.support.chain import Chain
@@ -264,6 +267,31 @@ def test_status_reports_tpm_and_identities(chain: Chain) -> None:
     assert status["dictionary_attack"]["tries_left"] == status["dictionary_attack"]["max_tries"]
     assert list(status["storage_keys"]) == ["0x40000001"]
     assert "2 (1 enabled)" in text
+    storage_line = next(line for line in text.splitlines() if line.startswith("storage key:"))
+    assert "owner-hierarchy primary (created on demand)" in storage_line
+    assert "0x40000001" not in storage_line
+    assert status["storage_keys"]["0x40000001"] in storage_line
+
+
+def test_status_names_persistent_storage_key(chain: Chain, swtpm) -> None:
+    esapi = ESAPI(TCTILdr.parse(swtpm.tcti))
+    try:
+        primary, _, _, _, _ = esapi.create_primary(
+            TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=srk_ecc_p256_template()), ESYS_TR.RH_OWNER
+        )
+        esapi.evict_control(ESYS_TR.RH_OWNER, primary, SRK_PERSISTENT_HANDLE)
+        esapi.flush_context(primary)
+    finally:
+        esapi.close()
+    chain.keygen("work", PIN)
+
+    status = json.loads(chain.tpmsigner("status", "--json").stdout)
+    text = chain.tpmsigner("status").stdout
+
+    assert list(status["storage_keys"]) == ["0x81000001"]
+    storage_line = next(line for line in text.splitlines() if line.startswith("storage key:"))
+    assert "persistent key 0x81000001" in storage_line
+    assert status["storage_keys"]["0x81000001"] in storage_line
 
 
 def test_home_on_another_tpm_is_refused(chain: Chain, tmp_path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -12,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import wait_until
+from tests.support import LOCALHOST, wait_until
 from tests.support.chain import AGENT_COMMAND, Chain
 from tests.test_agent_input import RawAgentClient
 from tpmsigner.logsetup import OneLineFormatter, level_for, syslog_priority
+from tpmsigner.protocol import channel
+from tpmsigner.protocol.channel import StaticKey, parse_public_key
 
 PIN = "4711-logging-pin"
 JOURNAL_LINE = re.compile(r"<[2-7]>(DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: \S")
@@ -179,6 +182,49 @@ def test_repeated_bad_lengths_are_rate_limited(chain: Chain) -> None:
     warnings = [line for line in agent.log_text().splitlines() if "client sent a message length of" in line]
     assert len(warnings) == 10
     assert chain.ssh_add("-L").returncode == 0
+
+
+def test_agent_stop_is_info_on_signer(chain: Chain) -> None:
+    chain.keygen("work", PIN)
+    chain.pair()
+    signer = chain.start_signer()
+    agent = chain.start_agent()
+    assert chain.ssh_add("-L").returncode == 0
+
+    agent.stop()
+    wait_until(lambda: "disconnected" in signer.log_text(), 10, "the signer to log the agent's disconnection")
+
+    closed = [line for line in signer.log_text().splitlines() if "device 'test-laptop': channel closed" in line]
+    assert len(closed) == 1
+    assert " INFO " in closed[0]
+    assert "the peer closed the connection" in closed[0]
+    assert " WARNING " not in signer.log_text()
+
+
+def test_garbage_frame_is_warning_on_signer(chain: Chain) -> None:
+    chain.pair()
+    signer = chain.start_signer()
+    agent_key = StaticKey.load_or_create(chain.agent_home / "noise-static-key.pem")
+    signer_key = parse_public_key(chain.tpmsigner("id").stdout)
+
+    async def send_garbage() -> None:
+        reader, writer = await asyncio.open_connection(LOCALHOST, chain.signer_port)
+        try:
+            await channel.initiate(reader, writer, agent_key, signer_key)
+            writer.write(struct.pack(">H", 32) + bytes(32))
+            await writer.drain()
+            # The signer closes the channel after the frame fails authentication.
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+        finally:
+            writer.close()
+
+    asyncio.run(send_garbage())
+    wait_until(lambda: "disconnected" in signer.log_text(), 10, "the signer to close the connection")
+
+    closed = [line for line in signer.log_text().splitlines() if "device 'test-laptop': channel closed" in line]
+    assert len(closed) == 1
+    assert " WARNING " in closed[0]
+    assert "failed authentication" in closed[0]
 
 
 # ---- the formatter ------------------------------------------------------------------

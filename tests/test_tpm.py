@@ -142,8 +142,17 @@ def test_no_handles_left_after_close(swtpm, store) -> None:
     assert loaded_handles(swtpm.tcti) == {"transient": [], "sessions": []}
 
 
-def test_loaded_keys_bounded_on_swtpm(swtpm, store) -> None:
-    with Tpm(swtpm.tcti) as tpm:
+@pytest.fixture(params=["direct", "pcap"])
+def swtpm_tcti(request, swtpm, tmp_path, monkeypatch) -> str:
+    """The swtpm's TCTI string, on its own or as the child of a pcap TCTI that records to tmp_path."""
+    if request.param == "direct":
+        return swtpm.tcti
+    monkeypatch.setenv("TCTI_PCAP_FILE", str(tmp_path / "tpm.pcap"))
+    return "pcap:" + swtpm.tcti
+
+
+def test_loaded_keys_bounded_on_swtpm(swtpm, swtpm_tcti, store) -> None:
+    with Tpm(swtpm_tcti) as tpm:
         identities = [tpmsigner.create_identity(tpm, store, label, PIN) for label in ("one", "two", "three")]
         for _ in range(2):
             for identity in identities:
@@ -173,7 +182,7 @@ def test_pin_change_unloads_old_key(swtpm, store) -> None:
             tpmsigner.sign_data(tpm, store, identity, b"payload", PIN)
 
 
-def test_stale_handles_are_flushed_by_owner(swtpm, store) -> None:
+def test_stale_handles_are_flushed_by_owner(swtpm, swtpm_tcti, store) -> None:
     leaking = Tpm(swtpm.tcti)
     identity = tpmsigner.create_identity(leaking, store, "work", PIN)
     # Simulate a killed process: drop the context without flushing.
@@ -181,7 +190,7 @@ def test_stale_handles_are_flushed_by_owner(swtpm, store) -> None:
     leaking._esapi = None  # noqa: SLF001
     assert loaded_handles(swtpm.tcti)["transient"] != []
 
-    with Tpm(swtpm.tcti, flush_stale_handles=True) as owner:
+    with Tpm(swtpm_tcti, flush_stale_handles=True) as owner:
         signature = tpmsigner.sign_data(owner, store, identity, b"payload", PIN)
     assert asyncssh.import_public_key(identity.openssh_line()).verify(b"payload", signature)
     assert loaded_handles(swtpm.tcti) == {"transient": [], "sessions": []}

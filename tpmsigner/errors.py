@@ -86,6 +86,10 @@ class ChannelError(TpmSignerError):
     """The encrypted channel between agent and signer failed."""
 
 
+class ChannelClosedError(ChannelError):
+    """The peer closed the connection between two messages, as it does on a normal stop."""
+
+
 class PeerNotTrustedError(ChannelError):
     """The peer's Noise static key is not in the list of trusted keys."""
 

@@ -26,19 +26,19 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Generic, TypeVar
 
+from .tcti import has_resource_manager
+
 Handle = TypeVar("Handle")
 
-# TCTIs that reach a TPM or emulator with no resource manager in between.
-NO_RESOURCE_MANAGER_TCTIS = frozenset({"swtpm", "mssim"})
 KEYS_WITHOUT_RESOURCE_MANAGER = 1
 KEYS_WITH_RESOURCE_MANAGER = 4
 
 
 def loaded_key_capacity(tcti: str) -> int:
     """Return how many signing keys may stay loaded on the TPM at ``tcti``."""
-    if tcti.split(":", 1)[0] in NO_RESOURCE_MANAGER_TCTIS:
-        return KEYS_WITHOUT_RESOURCE_MANAGER
-    return KEYS_WITH_RESOURCE_MANAGER
+    if has_resource_manager(tcti):
+        return KEYS_WITH_RESOURCE_MANAGER
+    return KEYS_WITHOUT_RESOURCE_MANAGER
 
 
 class LoadedKeys(Generic[Handle]):

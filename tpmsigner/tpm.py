@@ -68,6 +68,7 @@ from .errors import (
 )
 from .keytypes import DEFAULT_KEY_TYPE, KEY_TYPES, KeyType
 from .loadedkeys import LoadedKeys, loaded_key_capacity
+from .tcti import has_resource_manager
 from . import tpmsession
 from .tpmsession import SaltedSession, TpmResponseError
 from .protocol.sshkeys import NISTP256, NISTP384, EcdsaPublicKey, RsaPublicKey, SshPublicKey, public_key_from_blob
@@ -87,6 +88,19 @@ DEFAULT_TCTI = "device:/dev/tpmrm0"
 # TPM2_RH_OWNER as the parent of a TSS2 PRIVATE KEY file means "the H-2
 # primary under the owner hierarchy", created on demand.
 PARENT_OWNER = 0x40000001
+
+
+def describe_parent(parent: int) -> str:
+    """Return a key file's parent handle in words, for output that people read.
+
+    PARENT_OWNER is a hierarchy, not a key's handle, so it is named after
+    the primary key that is created under it.
+    """
+    if parent == PARENT_OWNER:
+        return "owner-hierarchy primary (created on demand)"
+    if parent >> 24 == TPM2_HT.PERSISTENT:
+        return f"persistent key 0x{parent:08x}"
+    return f"handle 0x{parent:08x}"
 
 _TPM_CURVE_IDS = {NISTP256.ssh_name: TPM2_ECC.NIST_P256, NISTP384.ssh_name: TPM2_ECC.NIST_P384}
 _CURVES_BY_TPM_ID = {TPM2_ECC.NIST_P256: NISTP256, TPM2_ECC.NIST_P384: NISTP384}
@@ -128,9 +142,6 @@ RawSignature = tuple[int, int] | bytes
 # in between still fails the signature with TPM_RC_LOCKOUT, and such a try
 # is not counted.
 LOCKOUT_STATUS_REUSE_SECONDS = 1.0
-
-# TCTIs that talk to a TPM or emulator with no resource manager in between.
-_NO_RESOURCE_MANAGER_TCTIS = {"swtpm", "mssim"}
 
 _TSS_LAYER_MASK = 0xFF0000
 _TSS_BASE_MASK = 0xFFFF
@@ -468,7 +479,7 @@ class Tpm:
                     "(or swtpm) is running and that --tcti or TPMSIGNER_TCTI names it",
                     rc=int(exc.rc),
                 ) from None
-            if self.flush_stale_handles and self.tcti.split(":", 1)[0] in _NO_RESOURCE_MANAGER_TCTIS:
+            if self.flush_stale_handles and not has_resource_manager(self.tcti):
                 self._flush_stale_handles(self._esapi)
         return self._esapi
 
@@ -513,21 +524,29 @@ class Tpm:
         return esapi
 
     def _flush_stale_handles(self, esapi: ESAPI) -> None:
-        """Flush transient objects and sessions that a killed process left behind.
+        """Flush every transient object and loaded session found when the context opens.
 
-        An emulator reached without a resource manager keeps them across
-        connections, and after two or three such leaks it has no object slot
-        left.  Only a long-running owner of the emulator (``serve``) turns this
-        on, because it also flushes the handles of any other live client.
+        An emulator reached without a resource manager keeps what a killed
+        process loaded across connections, and after two or three such leaks
+        it has no object slot left.  The TPM cannot tell those handles from
+        the ones a live client still uses, so only a long-running owner of
+        the TPM turns this on: ``serve``, whose first TPM call comes after it
+        has bound its listening address.
         """
         for handle_type in (TPM2_HT.TRANSIENT, TPM2_HT.LOADED_SESSION):
             try:
                 _, data = esapi.get_capability(TPM2_CAP.HANDLES, handle_type << 24, 64)
                 for handle in list(data.data.handles):
                     esapi.flush_context(esapi.tr_from_tpmpublic(handle))
-                    logger.warning("flushed stale TPM handle 0x%08x left by an earlier process", handle)
+                    logger.warning(
+                        "flushed TPM handle 0x%08x, which was already loaded when tpmsigner connected to %r: "
+                        "either a killed process left it, or another program that uses this TPM without a "
+                        "resource manager has lost it",
+                        handle,
+                        self.tcti,
+                    )
             except TSS2_Exception as exc:
-                logger.warning("could not flush stale TPM handles: %s", exc)
+                logger.warning("could not flush the TPM handles that were loaded before tpmsigner connected: %s", exc)
 
     def _translate(self, exc: TSS2_Exception, what: str) -> TpmError:
         """Turn a TSS2 exception into a TpmError, resetting state as needed."""

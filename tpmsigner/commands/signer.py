@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import math
+import errno
 import logging
+import math
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -82,8 +85,9 @@ def command_serve(args: argparse.Namespace) -> int:
     notifier = DesktopNotifier.find() if args.notify else None
     static_key = _static_key(home)
 
-    # serve owns the TPM while it runs, so on an emulator without a resource
-    # manager it may flush what a killed earlier run left loaded.
+    # serve owns the TPM while it runs, so on a TPM without a resource
+    # manager it flushes what a killed earlier run left loaded.  Nothing is
+    # sent to the TPM before _serve has bound the listening address.
     worker = TpmWorker(open_tpm(args, flush_stale_handles=True), timeout=args.tpm_timeout)
     try:
         _serve(args, home, config, approver, notifier, static_key, worker)
@@ -101,13 +105,6 @@ def _serve(
     static_key: StaticKey,
     worker: TpmWorker,
 ) -> None:
-    # Fail now, not at the first request, if the TPM cannot be reached or
-    # its storage key is not the one recorded for this home.  The calls go
-    # through the worker, so a TPM that does not respond stops serve after
-    # --tpm-timeout instead of hanging it.
-    worker.call_blocking(worker.tpm.check_parents, [int(handle, 16) for handle in TpmBinding(home).recorded()])
-    if worker.call_blocking(worker.tpm.lockout_status).in_lockout:
-        logger.warning("the TPM is in dictionary-attack lockout; requests are rejected until it ends")
     server = SignerServer(
         store=key_store(args),
         worker=worker,
@@ -123,10 +120,22 @@ def _serve(
 
     async def start() -> None:
         nonlocal advertiser
+
+        # The address is bound first: a busy port means another serve may
+        # be running on this TPM, and the first TPM call below flushes every
+        # transient object and session on a TPM without a resource manager.
         try:
-            await server.start()
+            await server.bind()
         except OSError as exc:
-            raise ConfigError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from None
+            raise ConfigError(_listen_error(args.listen, exc)) from None
+
+        try:
+            await _check_tpm(home, worker)
+        except BaseException:
+            await server.close()
+            raise
+
+        await server.start()
         if args.mdns:
             advertiser = Advertiser(
                 SIGNER_SERVICE, server.port, public_key_fingerprint(static_key.public), config.host, args.interface
@@ -139,6 +148,29 @@ def _serve(
         await server.close()
 
     serve_until_signal(start, close)
+
+
+def _listen_error(listen: str, exc: OSError) -> str:
+    # asyncio replaces the text of a failed bind with its own long message,
+    # so the reason comes from the errno.  getaddrinfo errors have negative
+    # EAI_* codes instead, with their text in strerror.
+    if isinstance(exc, socket.gaierror) or not exc.errno:
+        return f"cannot listen on {listen}: {exc.strerror or exc}"
+    message = f"cannot listen on {listen}: {os.strerror(exc.errno)}"
+    if exc.errno == errno.EADDRINUSE:
+        message += "; if another tpmsigner serve uses this address, stop it first or choose another --listen port"
+    return message
+
+
+async def _check_tpm(home: Path, worker: TpmWorker) -> None:
+    """Check that the TPM responds and has the recorded storage key, so serve fails at start, not at a request.
+
+    The calls go through the worker, so a TPM that does not respond stops
+    serve after --tpm-timeout instead of hanging it.
+    """
+    await worker.call(worker.tpm.check_parents, [int(handle, 16) for handle in TpmBinding(home).recorded()])
+    if (await worker.call(worker.tpm.lockout_status)).in_lockout:
+        logger.warning("the TPM is in dictionary-attack lockout; requests are rejected until it ends")
 
 
 def add_parsers(commands) -> None:

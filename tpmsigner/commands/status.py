@@ -7,6 +7,7 @@ from dataclasses import asdict
 
 from ..audit import AuditLog
 from ..store import TpmBinding
+from ..tpm import describe_parent
 from .signer import AUDIT_FILE
 from ..cliutil import print_json, print_table
 from .common import key_store, open_tpm, resolve_home
@@ -55,7 +56,7 @@ def command_status(args: argparse.Namespace) -> int:
         ),
     ]
     for handle, name in sorted(recorded.items()):
-        rows.append(("storage key:", f"{handle}, name {name}"))
+        rows.append(("storage key:", f"{describe_parent(int(handle, 16))}, name {name}"))
     rows.append(("identities:", f"{status['identities']['total']} ({status['identities']['enabled']} enabled)"))
     last = status["last_request"]
     if isinstance(last, dict):

@@ -44,7 +44,7 @@ from noise.exceptions import (
     NoiseValueError,
 )
 
-from ..errors import ChannelError, ConfigError, PeerNotTrustedError
+from ..errors import ChannelClosedError, ChannelError, ConfigError, PeerNotTrustedError
 from ..fsutil import write_private_file
 
 NOISE_PROTOCOL_NAME = b"Noise_XX_25519_ChaChaPoly_SHA256"
@@ -192,10 +192,22 @@ class NoiseChannel:
                 await _write_frame(self._writer, ciphertext)
 
     async def receive(self) -> bytes:
-        """Return the next reassembled message; raise ChannelError on any failure."""
+        """Return the next reassembled message.
+
+        Raise ChannelClosedError if the peer closed the connection before
+        the first byte of a message, and ChannelError on any other failure,
+        a close inside a message included.
+        """
         message = bytearray()
+        fragments = 0
         while True:
-            ciphertext = await _read_frame(self._reader)
+            try:
+                ciphertext = await _read_frame(self._reader)
+            except ChannelClosedError:
+                if fragments:
+                    raise ChannelError("the peer closed the connection in the middle of a message") from None
+                raise
+            fragments += 1
             try:
                 plaintext = bytes(self._connection.decrypt(ciphertext))
             except _NOISE_ERRORS:
@@ -225,12 +237,21 @@ async def _write_frame(writer: asyncio.StreamWriter, message: bytes) -> None:
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> bytes:
+    """Read one frame, and raise ChannelClosedError if the connection ends before its first byte."""
     try:
         header = await reader.readexactly(2)
-        (length,) = struct.unpack(">H", header)
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            raise ChannelClosedError("the peer closed the connection") from None
+        raise ChannelError("the peer closed the connection in the middle of a frame") from None
+    except OSError as exc:
+        raise ChannelError(f"receiving from the peer failed: {exc}") from None
+
+    (length,) = struct.unpack(">H", header)
+    try:
         return await reader.readexactly(length)
     except asyncio.IncompleteReadError:
-        raise ChannelError("the peer closed the connection") from None
+        raise ChannelError("the peer closed the connection in the middle of a frame") from None
     except OSError as exc:
         raise ChannelError(f"receiving from the peer failed: {exc}") from None
 

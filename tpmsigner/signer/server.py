@@ -6,12 +6,14 @@ import asyncio
 import itertools
 import logging
 import math
+import socket
 import time
 from dataclasses import dataclass, field
 
 from ..audit import AuditLog, outcome_for_failure
 from ..errors import (
     CertificateError,
+    ChannelClosedError,
     ChannelError,
     TpmSignerError,
     ConfigError,
@@ -59,6 +61,8 @@ from .worker import TpmWorker
 
 logger = logging.getLogger(__name__)
 
+# Connections the kernel queues before serve accepts them; asyncio's default.
+LISTEN_BACKLOG = 100
 # Requests one agent may have in flight at once.  More than a handful means
 # a runaway or hostile client, and each sign request may hold a prompt.
 MAX_PENDING_PER_CONNECTION = 16
@@ -162,8 +166,39 @@ class SignerServer:
         assert self._server is not None, "start() has not been called"
         return self._server.sockets[0].getsockname()[1]
 
+    async def bind(self) -> None:
+        """Bind and listen on the configured address, but accept no connection yet.
+
+        Raises OSError if the address is in use.  ``tpmsigner serve`` binds
+        before it touches the TPM, so that a second serve on a busy port
+        stops before its stale-handle flush can remove the running serve's
+        storage key and session.  Connections that arrive before start()
+        wait in the listen backlog.  Calling it again does nothing.
+        """
+        if self._server is not None:
+            return
+        server = await asyncio.start_server(
+            self._accept, self.config.host, self.config.port, backlog=LISTEN_BACKLOG, start_serving=False
+        )
+        # With SO_REUSEADDR, which asyncio sets, Linux lets two sockets bind
+        # one port as long as neither listens yet.  Listening at once makes a
+        # second serve that starts at the same moment fail here too.  The
+        # listen goes through a duplicate descriptor, because asyncio's
+        # socket wrappers do not offer listen().
+        try:
+            for transport_socket in server.sockets:
+                with socket.fromfd(transport_socket.fileno(), transport_socket.family, transport_socket.type) as listener:
+                    listener.listen(LISTEN_BACKLOG)
+        except OSError:
+            server.close()
+            raise
+        self._server = server
+
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, self.config.host, self.config.port)
+        """Bind the address unless bind() did, and start accepting connections."""
+        await self.bind()
+        assert self._server is not None
+        await self._server.start_serving()
         self._revocation_task = asyncio.create_task(self._watch_revocations())
         logger.info(
             "signer listening on %s port %d, Noise key %s",
@@ -173,6 +208,7 @@ class SignerServer:
         )
 
     async def close(self) -> None:
+        started = self._revocation_task is not None
         if self._server is not None:
             self._server.close()
         if self._revocation_task is not None:
@@ -185,7 +221,8 @@ class SignerServer:
             await self._server.wait_closed()
         if self.notifier is not None:
             await self.notifier.close()
-        logger.info("signer stopped")
+        if started:
+            logger.info("signer stopped")
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -322,6 +359,10 @@ class _AgentSession:
             while True:
                 try:
                     payload = await self.secure.receive()
+                except ChannelClosedError as exc:
+                    # An agent that stops or reconnects closes between messages.
+                    logger.info("device %r: channel closed: %s", self.device.name, exc)
+                    return
                 except ChannelError as exc:
                     logger.warning("device %r: channel closed: %s", self.device.name, exc)
                     return
