@@ -31,7 +31,7 @@ from tpmsigner.audit import AuditLog
 from tpmsigner.protocol.channel import format_public_key
 from tpmsigner.signer.worker import TPM_CALL_TIMEOUT
 from tests.support import Swtpm, pid_is_running, wait_until
-from tests.support.chain import AGENT_COMMAND, Chain
+from tests.support.chain import AGENT_COMMAND, SIGNER_COMMAND, Chain
 from tests.support.small_disk import PAGE, SmallDisk, SmallDiskUnavailable
 from tests.test_agent_input import RawAgentClient
 from tests.test_tpm_tampering import loaded_handles
@@ -283,14 +283,18 @@ def test_second_serve_leaves_first_alone(chain: Chain, swtpm: Swtpm) -> None:
     assert handles_before["transient"] != []
     assert handles_before["sessions"] != []
 
-    second = chain.tpmsigner(
-        "serve",
-        "--listen",
-        f"127.0.0.1:{chain.signer_port}",
-        "--approver",
-        f"command:{chain.approver_program}",
-        "--no-mdns",
-        check=False,
+    # Another home, so that the home lock does not stop it before it binds.
+    second = subprocess.run(
+        [
+            *chain.command_prefix, *SIGNER_COMMAND, "--home", str(chain.workdir / "second-home"),
+            "serve", "--listen", f"127.0.0.1:{chain.signer_port}",
+            "--approver", f"command:{chain.approver_program}", "--no-mdns",
+        ],
+        env=chain.environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
     )
 
     assert second.returncode == 1
@@ -302,6 +306,26 @@ def test_second_serve_leaves_first_alone(chain: Chain, swtpm: Swtpm) -> None:
     assert loaded_handles(swtpm.tcti) == handles_before
     assert_signed(sign_reply(chain, public_line, b"after the second serve"), public_line, b"after the second serve")
     assert "no longer has" not in chain.signer.log_text()
+    assert chain.signer.is_running()
+
+
+def test_second_serve_on_same_home_refused(chain: Chain, swtpm: Swtpm) -> None:
+    public_line = start(chain)
+    assert_signed(sign_reply(chain, public_line), public_line)
+    assert chain.signer is not None
+    handles_before = loaded_handles(swtpm.tcti)
+
+    # Another port, so only the home lock can stop it.
+    second = chain.tpmsigner(
+        "serve", "--listen", "127.0.0.1:0", "--approver", f"command:{chain.approver_program}", "--no-mdns",
+        check=False,
+    )
+
+    assert second.returncode == 1
+    assert f"another 'tpmsigner serve' (pid {chain.signer.process.pid}) is running" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert loaded_handles(swtpm.tcti) == handles_before
+    assert_signed(sign_reply(chain, public_line, b"after the refused serve"), public_line, b"after the refused serve")
     assert chain.signer.is_running()
 
 

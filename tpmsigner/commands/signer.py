@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fcntl
 import logging
 import math
 import os
@@ -32,6 +33,8 @@ logger = logging.getLogger("tpmsigner")
 NOISE_KEY_FILE = "noise-static-key.pem"
 DEVICES_FILE = "devices.json"
 AUDIT_FILE = "audit.jsonl"
+# Held with flock(2) by the one serve process that runs on a home.
+SERVE_LOCK_FILE = "serve.lock"
 
 
 def _static_key(home: Path) -> StaticKey:
@@ -84,6 +87,7 @@ def command_serve(args: argparse.Namespace) -> int:
     check_approver(approver)
     notifier = DesktopNotifier.find() if args.notify else None
     static_key = _static_key(home)
+    lock = _lock_home(home)
 
     # serve owns the TPM while it runs, so on a TPM without a resource
     # manager it flushes what a killed earlier run left loaded.  Nothing is
@@ -93,7 +97,31 @@ def command_serve(args: argparse.Namespace) -> int:
         _serve(args, home, config, approver, notifier, static_key, worker)
     finally:
         worker.close()
+        os.close(lock)
     return 0
+
+
+def _lock_home(home: Path) -> int:
+    """Take the home's serve lock (flock on HOME/serve.lock) for as long as this process runs.
+
+    Two serve processes on one home would answer for the same keys, and on
+    a TPM without a resource manager each one's start flushes the other's
+    storage key and session.  Return the lock's file descriptor.
+    """
+    path = home / SERVE_LOCK_FILE
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(descriptor, 32).decode("ascii", errors="replace").strip()
+        os.close(descriptor)
+        raise ConfigError(
+            f"another 'tpmsigner serve' (pid {holder or 'unknown'}) is running with the home {home}; "
+            "stop it first, or give this one another --home"
+        ) from None
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, f"{os.getpid()}\n".encode("ascii"))
+    return descriptor
 
 
 def _serve(
