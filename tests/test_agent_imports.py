@@ -1,6 +1,6 @@
 """What the agent loads at start: nothing of the TPM stack and no asyncssh.
 
-The agent holds no key, so it has no use for tpm2-pytss or the key store,
+The agent has no key, so it has no use for tpm2-pytss or the key store,
 and asyncssh is imported in the background after the socket is ready
 (agent/run.py).  Each of them adds tens of milliseconds to the agent's
 start and megabytes to its memory, so a module-level import of one of them
@@ -31,7 +31,7 @@ def test_agent_start_skips_heavy_modules(module: str) -> None:
 
 
 def test_heavy_module_check_detects_an_import() -> None:
-    # Control: the same check sees asyncssh once something imports it.
+    # Control: the same check finds asyncssh once something imports it.
     program = (
         "import json, sys, tpmsigner_agent.run, asyncssh\n"
         f"print(json.dumps(sorted(name for name in {HEAVY_MODULES!r} if name in sys.modules)))\n"

@@ -60,7 +60,7 @@ def netns_chain(tmp_path: Path, namespace: NetworkNamespace, request: pytest.Fix
     assert not pid_is_running(swtpm_pid), f"swtpm pid {swtpm_pid} still runs after swtpm/stop"
 
 
-# Long enough for a loaded machine to answer mDNS queries; a 2 s browse
+# Long enough for a loaded machine to reply to mDNS queries.  A 2 s browse
 # missed the signer now and then while other tests kept both cores busy.
 BROWSE_SECONDS = "5"
 

@@ -85,10 +85,10 @@ def test_terminal_lines_wait_for_hold_end(terminal: Terminal) -> None:
             with terminal_logs_held():
                 logger.info("written during the hold")
                 assert "during the hold" not in terminal.read_for(0.3)
-            shown = terminal.read_until(b"during the hold")
+            screen_text = terminal.read_until(b"during the hold")
         finally:
             logger.removeHandler(handler)
-    assert shown.count("written during the hold") == 1
+    assert screen_text.count("written during the hold") == 1
 
 
 def test_file_lines_not_held(tmp_path: Path) -> None:
@@ -114,15 +114,15 @@ def test_held_lines_beyond_limit_dropped(terminal: Terminal, monkeypatch: pytest
             with terminal_logs_held():
                 for number in range(5):
                     logger.info("line %d", number)
-            shown = terminal.read_until(b"line 4")
+            screen_text = terminal.read_until(b"line 4")
         finally:
             logger.removeHandler(handler)
             drop_logger.removeHandler(drop_handler)
             drop_logger.propagate = True
-    assert "2 log lines were dropped" in shown
-    assert "line 0" not in shown
-    assert "line 1" not in shown
-    assert [number for number in range(2, 5) if f"line {number}" in shown] == [2, 3, 4]
+    assert "2 log lines were dropped" in screen_text
+    assert "line 0" not in screen_text
+    assert "line 1" not in screen_text
+    assert [number for number in range(2, 5) if f"line {number}" in screen_text] == [2, 3, 4]
 
 
 def test_tty_prompt_not_broken_by_logs(terminal: Terminal) -> None:

@@ -7,7 +7,7 @@ userWithAuth set, no policy and noDA clear (TPM 2.0 Library Part 2, section
 8.3), so each use still needs an HMAC session keyed with the PIN, and wrong
 PINs still count toward the dictionary-attack lockout.  A signature's PIN
 keys that one command's HMAC (tpmsigner.tpmsession) and is not kept, so the
-process holds no PIN between requests either.
+process keeps no PIN between requests either.
 
 The cache is small on purpose.  An emulator or TPM reached without a
 resource manager has only three object slots (swtpm: MAX_LOADED_OBJECTS),

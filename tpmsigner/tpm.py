@@ -2,8 +2,8 @@
 
 All TPM work goes through ``Tpm``: it owns the ESAPI context, the storage
 root key handle and one salted HMAC session with parameter encryption for
-signatures (computed by ``tpmsigner.tpmsession``, not by ESAPI; that module
-says why), and it flushes every transient object it loads.  Signing keys
+signatures (computed by ``tpmsigner.tpmsession``, not by ESAPI, for the
+reason given there), and it flushes every transient object it loads.  Signing keys
 stay loaded between signatures, a bounded few (see
 ``tpmsigner.loadedkeys``).  swtpm without a resource manager has only three
 object slots, so a leaked handle would stop the signer after a few requests.
@@ -761,8 +761,8 @@ class Tpm:
             public, _, _ = esapi.read_public(parent_handle)
             if tpmsession.object_name(bytes(public.marshal())) != bytes(esapi.tr_get_name(parent_handle)):
                 raise TpmError(
-                    f"the storage key 0x{salt_parent:08x} answered with a public area that does not match its "
-                    "name; the TPM or the connection to it is not the one the key files were made on"
+                    f"the storage key ({describe_parent(salt_parent)}) returned a public area that does not match "
+                    "its name, so the TPM or the connection to it is not the one the key files were made on"
                 )
             self._session = tpmsession.start_salted_session(
                 esapi.tcti,
@@ -1008,7 +1008,7 @@ class Tpm:
             key_handle = self._context().load(parent_handle, private, public, session1=ESYS_TR.PASSWORD)
         except TSS2_Exception as exc:
             error = self._translate(exc, "loading the key")
-            # A full TPM says nothing about the key, and its message names the fix.
+            # Out of object memory is no fault of the key file, and that error's message names the fix.
             if type(error) is TpmError and _response_code(exc) != TPM2_RC.OBJECT_MEMORY:
                 raise TpmKeyLoadError(
                     "the key does not load on this TPM: the key file was made on another "

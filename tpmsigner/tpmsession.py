@@ -25,8 +25,8 @@ The computations follow TPM 2.0 Library Part 1:
 - AES-CFB encryption of the first command parameter (TPM2_Sign's digest),
   section 21.3.
 
-A response whose HMAC does not check out is refused: it did not come from
-the TPM that holds the storage key, or it was changed on the way.
+A response whose HMAC does not verify is rejected, because it did not come
+from the TPM that has the storage key, or it was changed on the way.
 """
 
 from __future__ import annotations
@@ -167,16 +167,16 @@ def _sized(data: bytes) -> bytes:
 
 
 class _Reader:
-    """Bounds-checked reads from a TPM response; every short read is a TpmResponseError."""
+    """Bounds-checked reads from a TPM response.  A short read raises TpmResponseError."""
 
-    def __init__(self, data: bytes, what: str) -> None:
+    def __init__(self, data: bytes, description: str) -> None:
         self.data = data
         self.offset = 0
-        self.what = what
+        self.description = description
 
     def take(self, count: int) -> bytes:
         if self.offset + count > len(self.data):
-            raise TpmResponseError(f"the TPM's {self.what} ends early ({len(self.data)} bytes)")
+            raise TpmResponseError(f"the TPM's {self.description} ends early ({len(self.data)} bytes)")
         chunk = self.data[self.offset : self.offset + count]
         self.offset += count
         return chunk
@@ -193,7 +193,7 @@ class _Reader:
     def end(self) -> None:
         if self.offset != len(self.data):
             raise TpmResponseError(
-                f"the TPM's {self.what} has {len(self.data) - self.offset} bytes after its last field"
+                f"the TPM's {self.description} has {len(self.data) - self.offset} bytes after its last field"
             )
 
 
@@ -348,7 +348,7 @@ def sign(
     scheme: bytes,
     validation: bytes,
 ) -> bytes:
-    """Run TPM2_Sign (Part 3, section 20.2) in ``session``; return the marshalled TPMT_SIGNATURE.
+    """Run TPM2_Sign (Part 3, section 20.2) in ``session`` and return the marshalled TPMT_SIGNATURE.
 
     ``scheme`` and ``validation`` are the marshalled TPMT_SIG_SCHEME and
     TPMT_TK_HASHCHECK.  ``auth_value`` (the PIN) keys the command's HMAC

@@ -1,6 +1,6 @@
 """A relay between the swtpm TCTI and swtpm that can change TPM responses.
 
-It takes the place of an attacker on the TPM bus: it sees every command and
+It takes the place of an attacker on the TPM bus: it receives every command and
 may replace swtpm's response.  The tss2 swtpm TCTI sends control
 commands to the server port + 1, so the relay listens on two adjacent ports
 and forwards the second one unchanged to swtpm's control port.  On the

@@ -104,7 +104,7 @@ def command_serve(args: argparse.Namespace) -> int:
 def _lock_home(home: Path) -> int:
     """Take the home's serve lock (flock on HOME/serve.lock) for as long as this process runs.
 
-    Two serve processes on one home would answer for the same keys, and on
+    Two serve processes on one home would serve the same keys, and on
     a TPM without a resource manager each one's start flushes the other's
     storage key and session.  Return the lock's file descriptor.
     """
