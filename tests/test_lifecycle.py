@@ -316,6 +316,8 @@ def test_home_on_another_tpm_is_refused(chain: Chain, tmp_path) -> None:
 
     assert result.returncode == 1
     assert "another TPM, the TPM was cleared" in result.stderr
+    assert "owner-hierarchy primary" in result.stderr
+    assert "0x40000001" not in result.stderr
     assert files_of(chain.signer_home / "keys") == before
     assert (chain.signer_home / "tpm.json").read_bytes() == binding_before
 

@@ -285,6 +285,24 @@ def test_endless_retry_gives_up(session_on_swtpm) -> None:
     assert len(transport.sent) == tpmsession.MAX_RESENDS
 
 
+def test_testing_resends_back_off(session_on_swtpm, monkeypatch) -> None:
+    # TPM_RC_TESTING: the TPM runs its self-test, which takes a while, so
+    # resends wait longer each time instead of spinning.
+    tpm, blob, transport = session_on_swtpm
+    delays: list[float] = []
+    monkeypatch.setattr(tpmsession.time, "sleep", delays.append)
+    testing = struct.pack(">HII", tpmsession.TPM_ST_NO_SESSIONS, 10, 0x90A)
+    transport.local_answers = [testing] * tpmsession.MAX_RESENDS
+    with pytest.raises(TSS2_Exception) as caught:
+        _sign(tpm, blob, transport, bytes(32))
+    assert int(caught.value.rc) == 0x90A
+    assert len(delays) == tpmsession.MAX_RESENDS - 1
+    assert delays[0] == tpmsession.RESEND_DELAY_FIRST_SECONDS
+    assert all(later >= earlier for earlier, later in zip(delays, delays[1:]))
+    assert max(delays) == tpmsession.RESEND_DELAY_MAX_SECONDS
+    assert sum(delays) > 0.5
+
+
 def test_wrong_pin_is_auth_failure(session_on_swtpm, store) -> None:
     tpm, blob, transport = session_on_swtpm
     with pytest.raises(TSS2_Exception) as caught:

@@ -36,7 +36,7 @@ from .jsonutil import parse_json
 from .keyfile import decode_key_file, encode_key_file
 from .protocol.certificates import Certificate, decode_certificate
 from .protocol.sshkeys import EcdsaPublicKey, SshPublicKey, fingerprint_of_blob, public_key_from_blob
-from .tpm import TpmKeyBlob, public_key_of
+from .tpm import TpmKeyBlob, describe_parent, public_key_of
 
 METADATA_VERSION = 1
 LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
@@ -478,7 +478,7 @@ class TpmBinding:
             return
         if recorded != name.hex():
             raise TpmBindingError(
-                f"the TPM's storage key {handle} has name {name.hex()[:24]}..., not the "
+                f"the TPM's storage key ({describe_parent(parent)}) has name {name.hex()[:24]}..., not the "
                 f"{recorded[:24]}... recorded in {self.path} when these identities were made. "
                 "This is another TPM, the TPM was cleared, or something between this host and "
                 "the TPM is answering in its place; refusing to use it. If the TPM was "

@@ -1030,7 +1030,7 @@ class Tpm:
                 try:
                     self._parent(parent)
                 except TSS2_Exception as exc:
-                    raise self._translate(exc, f"loading the storage key 0x{parent:08x}") from None
+                    raise self._translate(exc, f"loading the storage key ({describe_parent(parent)})") from None
 
     def check_loads(self, blob: TpmKeyBlob) -> None:
         """Load and flush a wrapped key, to prove it belongs to this TPM; needs no PIN."""

@@ -36,6 +36,7 @@ import hmac
 import logging
 import os
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -82,6 +83,11 @@ SIGN_SESSION_ATTRIBUTES = SESSION_CONTINUE | SESSION_DECRYPT
 # and TPM_RC_RETRY.
 _RESEND_CODES = frozenset({0x908, 0x90A, 0x922})
 MAX_RESENDS = 16
+# Resends wait 1 ms, then twice as long each time up to 100 ms, so that a
+# TPM still running its self-test (TPM_RC_TESTING) gets about 0.9 seconds
+# across MAX_RESENDS attempts before the error is raised.
+RESEND_DELAY_FIRST_SECONDS = 0.001
+RESEND_DELAY_MAX_SECONDS = 0.1
 
 # The buffer for one response.  An RSA-4096 signature with its session area
 # is about 600 bytes, and swtpm's maximum response size is 4096.
@@ -209,7 +215,10 @@ def execute(transport: Transport, command: bytes) -> tuple[int, bytes]:
     and TPM_RC_TESTING resend the same bytes: the TPM did not run the
     command, so no nonce moved and no PIN was checked.
     """
+    delay = 0.0
     for _ in range(MAX_RESENDS):
+        if delay:
+            time.sleep(delay)
         transport.transmit(command)
         response = _receive(transport)
         reader = _Reader(response, "response header")
@@ -221,6 +230,7 @@ def execute(transport: Transport, command: bytes) -> tuple[int, bytes]:
                 f"invalid TPM response: its size field is {size} bytes but {len(response)} bytes arrived"
             )
         if code in _RESEND_CODES:
+            delay = min(RESEND_DELAY_MAX_SECONDS, delay * 2) if delay else RESEND_DELAY_FIRST_SECONDS
             continue
         if code != 0:
             raise TSS2_Exception(code)
