@@ -26,6 +26,9 @@ from .upstream import UpstreamAgent
 
 logger = logging.getLogger("tpmsigner_agent")
 
+# The signals that stop a serving agent, which then removes its socket.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
 
 @dataclass
 class ListeningSocket:
@@ -54,6 +57,11 @@ def command_run(args: argparse.Namespace, home: AgentHome) -> int:
     home.signers()
     audit_path = Path(args.audit_log) if args.audit_log else default_audit_path()
 
+    # From the moment the socket exists until the event loop handles them,
+    # a stop signal would kill the agent and leave its socket and directory
+    # behind.  So they stay blocked (pending, not lost) until the agent
+    # serves; the background child inherits the mask across fork(2).
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     listening = _listening_socket(args)
     try:
         upstream = _upstream(args.upstream, listening.path)
@@ -67,15 +75,20 @@ def command_run(args: argparse.Namespace, home: AgentHome) -> int:
         foreground = True
 
     if foreground:
-        if args.pid_file:
-            daemon.write_pid_file(Path(args.pid_file), os.getpid())
-        if args.shell is not None:
-            print(shell.start_commands(syntax, listening.path, os.getpid(), with_pid_variable=False), end="", flush=True)
+        try:
+            if args.pid_file:
+                daemon.write_pid_file(Path(args.pid_file), os.getpid())
+            if args.shell is not None:
+                print(shell.start_commands(syntax, listening.path, os.getpid(), with_pid_variable=False), end="", flush=True)
+        except BaseException:
+            _close(listening)
+            raise
         _serve_and_clean_up(listening, home, audit_path, upstream, args.pid_file)
         return 0
 
     pid = os.fork()
     if pid:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         if args.pid_file:
             try:
                 daemon.write_pid_file(Path(args.pid_file), pid)
@@ -182,9 +195,12 @@ def _serve_and_clean_up(
         # login. Importing it takes longer than the agent may take to start,
         # so it is imported now that the agent answers, not before.
         asyncio.get_running_loop().run_in_executor(None, importlib.import_module, "asyncssh")
+        # The loop handles the stop signals now; one that arrived while
+        # they were blocked is delivered here and stops the agent cleanly.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     try:
-        serve_until_signal(start, server.close, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+        serve_until_signal(start, server.close, STOP_SIGNALS)
     finally:
         _close(listening)
         if pid_file:

@@ -145,6 +145,34 @@ def test_default_socket_directory_removed_on_error(chain: Chain, short_tmp_path)
     assert os.listdir(runtime_directory) == []
 
 
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["term", "int", "hup"])
+def test_stop_signal_right_after_bind_cleans_up(chain: Chain, short_tmp_path, stop_signal: signal.Signals) -> None:
+    # The signal arrives as soon as the socket exists, before the agent
+    # serves: it must still remove its socket and temporary directory.
+    environment = chain.environment()
+    environment["XDG_RUNTIME_DIR"] = str(short_tmp_path)
+    process = subprocess.Popen(
+        [*AGENT_COMMAND, "--home", str(chain.agent_home), "run", "--foreground"],
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: any(short_tmp_path.glob("tpmsigner-agent.*/agent.sock")), 30, "the agent's socket", 0.0005)
+        process.send_signal(stop_signal)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+    assert process.returncode == 0, stderr
+    assert "agent stopped" in stderr
+    assert os.listdir(short_tmp_path) == []
+
+
 @pytest.mark.parametrize("existed", [True, False], ids=["existing", "created"])
 def test_named_socket_directory_kept_on_stop(chain: Chain, short_tmp_path, existed: bool) -> None:
     directory = short_tmp_path / "sockets"
