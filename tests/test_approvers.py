@@ -74,6 +74,33 @@ def test_hanging_approver_is_killed_and_refuses(chain: Chain) -> None:
     wait_until(lambda: not pid_is_running(approver_pid), 5, "the timed-out approver to be killed")
 
 
+def test_approver_dies_with_killed_serve(chain: Chain) -> None:
+    # SIGKILL gives serve no chance to kill its approver, so the kernel
+    # must: otherwise a prompt asks for a PIN that nothing will read.
+    public_line = chain.keygen("work", PIN)
+    chain.pair()
+    pid_file = chain.workdir / "approver.pid"
+    approver = write_approver(
+        chain,
+        "waits",
+        f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n",
+    )
+    chain.start_signer(approver=f"command:{approver}")
+    chain.start_agent()
+
+    signing = sign_with_ssh_keygen(chain, public_line)
+    try:
+        wait_until(lambda: pid_file.exists() and pid_file.read_text() != "", 30, "the approver to start")
+        approver_pid = int(pid_file.read_text())
+        assert pid_is_running(approver_pid)
+        assert chain.signer is not None
+        chain.signer.kill()
+        wait_until(lambda: not pid_is_running(approver_pid), 10, "the approver to die with serve")
+    finally:
+        signing.kill()
+        signing.communicate(timeout=30)
+
+
 def test_missing_approver_stops_serve_at_start(chain: Chain) -> None:
     chain.keygen("work", PIN)
     missing = chain.workdir / "no-such-program"

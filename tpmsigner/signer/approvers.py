@@ -26,6 +26,7 @@ from typing import Awaitable, Callable, Protocol
 from ..errors import ConfigError
 from ..logsetup import terminal_logs_held
 from ..protocol.messages import ProcessInfo
+from .children import bound_to_serve
 
 logger = logging.getLogger(__name__)
 
@@ -158,11 +159,17 @@ async def run_approver_program(
     TimeoutError after ``timeout`` seconds.  The program and everything it
     started are killed whenever it ends.
     """
+    # setpriv would report a missing program only as exit status 127, so
+    # the program is looked up here to log the real cause.
+    program = shutil.which(argv[0], path=environment.get("PATH"))
+    if program is None:
+        logger.error("request %d: cannot run approver %r: not found or not executable", request_id, argv[0])
+        return None
     try:
         # A session of its own, so that on timeout the whole process
         # group goes, including helpers the approver started.
         process = await asyncio.create_subprocess_exec(
-            *argv,
+            *bound_to_serve([program, *argv[1:]]),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             env=environment,

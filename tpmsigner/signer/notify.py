@@ -15,6 +15,7 @@ import shutil
 
 from ..ratelimit import RateLimitedLogger
 from .approvers import ApprovalRequest, _kill_group
+from .children import bound_to_serve
 from .requesttext import MAX_NAME_CHARS, MAX_PURPOSE_CHARS, destination_line, shorten
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class DesktopNotifier:
     async def _run(self, argv: list[str]) -> None:
         try:
             process = await asyncio.create_subprocess_exec(
-                *argv,
+                *bound_to_serve(argv),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
