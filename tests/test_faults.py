@@ -309,6 +309,38 @@ def test_second_serve_leaves_first_alone(chain: Chain, swtpm: Swtpm) -> None:
     assert chain.signer.is_running()
 
 
+@pytest.mark.parametrize("spelling", ["same", "respelled"])
+def test_second_serve_on_same_tpm_refused(chain: Chain, swtpm: Swtpm, spelling: str) -> None:
+    public_line = start(chain)
+    assert_signed(sign_reply(chain, public_line), public_line)
+    assert chain.signer is not None
+    handles_before = loaded_handles(swtpm.tcti)
+    port = swtpm.tcti.rpartition("port=")[2].split(",")[0]
+    tcti = swtpm.tcti if spelling == "same" else f"swtpm:port={port},host=localhost"
+
+    # Another home and another port, so only the claim on the TPM can stop it.
+    second = subprocess.run(
+        [
+            *chain.command_prefix, *SIGNER_COMMAND, "--home", str(chain.workdir / "second-home"),
+            "--tcti", tcti, "serve", "--listen", "127.0.0.1:0",
+            "--approver", f"command:{chain.approver_program}", "--no-mdns",
+        ],
+        env=chain.environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+    assert second.returncode == 1
+    assert f"another 'tpmsigner serve' (pid {chain.signer.process.pid}, uid {os.getuid()}) uses the TPM" in second.stderr
+    assert "flushed" not in second.stderr
+    assert "Traceback" not in second.stderr
+    assert loaded_handles(swtpm.tcti) == handles_before
+    assert_signed(sign_reply(chain, public_line, b"after the refused serve"), public_line, b"after the refused serve")
+    assert chain.signer.is_running()
+
+
 def test_second_serve_on_same_home_refused(chain: Chain, swtpm: Swtpm) -> None:
     public_line = start(chain)
     assert_signed(sign_reply(chain, public_line), public_line)

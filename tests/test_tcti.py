@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tpmsigner.loadedkeys import KEYS_WITH_RESOURCE_MANAGER, KEYS_WITHOUT_RESOURCE_MANAGER, loaded_key_capacity
-from tpmsigner.tcti import has_resource_manager
+from tpmsigner.tcti import has_resource_manager, tpm_identity
 
 WITHOUT_RESOURCE_MANAGER = [
     "swtpm:host=127.0.0.1,port=2321",
@@ -53,3 +53,31 @@ def test_tcti_without_resource_manager(tcti: str) -> None:
 def test_tcti_with_resource_manager(tcti: str) -> None:
     assert has_resource_manager(tcti) is True
     assert loaded_key_capacity(tcti) == KEYS_WITH_RESOURCE_MANAGER
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("swtpm", "swtpm:port=2321"),
+        ("swtpm:host=127.0.0.1,port=2321", "swtpm:port=2321,host=localhost"),
+        ("mssim:host=::1,port=4000", "mssim:port=4000,host=[::1]"),
+        ("libtss2-tcti-swtpm.so.0:port=2400", "swtpm:port=2400"),
+        ("pcap:swtpm:port=2400", "swtpm:port=2400"),
+        ("device", "device:/dev/tpmrm0"),
+    ],
+)
+def test_tpm_identity_same_tpm(first: str, second: str) -> None:
+    assert tpm_identity(first) == tpm_identity(second)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("swtpm:port=2321", "swtpm:port=2322"),
+        ("swtpm:port=2321", "mssim:port=2321"),
+        ("device:/dev/tpm0", "device:/dev/tpm1"),
+        ("device:/dev/tpm0", "device:/dev/tpmrm0"),
+    ],
+)
+def test_tpm_identity_other_tpm(first: str, second: str) -> None:
+    assert tpm_identity(first) != tpm_identity(second)

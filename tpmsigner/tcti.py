@@ -32,6 +32,9 @@ _DIRECT_TCTIS = frozenset(
 # string is pcap's CONFIG (tpm2-tss, src/tss2-tcti/tcti-pcap.c).
 _PCAP_TCTI = "pcap"
 _DEVICE_TCTI = "device"
+# The TCTIs that reach an emulator over TCP, with their default ports.
+_SOCKET_TCTIS = {"swtpm": 2321, "mssim": 2321}
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 _LIBRARY_PREFIX = "libtss2-tcti-"
 _LIBRARY_SUFFIXES = (".so.0", ".so")
 
@@ -59,6 +62,35 @@ def has_resource_manager(tcti: str) -> bool:
     # program), count as having a resource manager, because there is no
     # way to tell from the string.
     return name not in _DIRECT_TCTIS
+
+
+def tpm_identity(tcti: str) -> str:
+    """Return a string naming the TPM that ``tcti`` reaches, for telling whether two TCTI strings share one.
+
+    Spellings that differ only in defaults or key order give the same
+    string: ``swtpm``, ``swtpm:port=2321`` and ``swtpm:port=2321,host=localhost``.
+    """
+    name, _, config = tcti.partition(":")
+    name = _short_name(name)
+
+    if name == _PCAP_TCTI and config:
+        return tpm_identity(config)
+    if name == _DEVICE_TCTI:
+        return f"{name}:{os.path.realpath(config or '/dev/tpmrm0')}"
+    if name in _SOCKET_TCTIS:
+        # The swtpm and mssim TCTIs of tpm2-tss take comma-separated
+        # key=value pairs, and default to localhost and port 2321.
+        settings = {"host": "localhost", "port": str(_SOCKET_TCTIS[name])}
+        for item in filter(None, config.split(",")):
+            key, _, value = item.partition("=")
+            settings[key.strip()] = value.strip()
+        host = settings["host"].lower().strip("[]")
+        # NOTE: other names for the same host (an address of this machine
+        # other than loopback) are not recognised as the same TPM.
+        if host in _LOOPBACK_NAMES:
+            host = "loopback"
+        return f"{name}:{host}:{settings['port']}"
+    return f"{name}:{config}"
 
 
 def _short_name(name: str) -> str:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import errno
 import fcntl
+import hashlib
 import logging
 import math
 import os
 import socket
+import struct
 import sys
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from ..signer.refusals import DEFAULT_REFUSAL_LIMIT, DEFAULT_REFUSAL_PAUSE, MAX_
 from ..signer.server import SignerConfig, SignerServer
 from ..signer.worker import TPM_CALL_TIMEOUT, TpmWorker
 from ..store import TpmBinding
+from ..tcti import has_resource_manager, tpm_identity
 from .common import key_store, open_tpm, resolve_home
 
 logger = logging.getLogger("tpmsigner")
@@ -35,6 +39,10 @@ DEVICES_FILE = "devices.json"
 AUDIT_FILE = "audit.jsonl"
 # Held with flock(2) by the one serve process that runs on a home.
 SERVE_LOCK_FILE = "serve.lock"
+# The prefix of the abstract UNIX socket (unix(7)) that one serve binds per
+# TPM without a resource manager.  The kernel releases it when the process
+# ends, however it ends.
+TPM_LOCK_PREFIX = b"\0tpmsigner-serve-tpm:"
 
 
 def _static_key(home: Path) -> StaticKey:
@@ -145,9 +153,10 @@ def _serve(
     )
 
     advertiser: Advertiser | None = None
+    tpm_lock: socket.socket | None = None
 
     async def start() -> None:
-        nonlocal advertiser
+        nonlocal advertiser, tpm_lock
 
         # The address is bound first: a busy port means another serve may
         # be running on this TPM, and the first TPM call below flushes every
@@ -158,6 +167,9 @@ def _serve(
             raise ConfigError(_listen_error(args.listen, exc)) from None
 
         try:
+            tpm_lock = _lock_tpm(worker.tpm.tcti)
+            if tpm_lock is not None:
+                asyncio.get_running_loop().add_reader(tpm_lock.fileno(), _close_claim_probe, tpm_lock)
             await _check_tpm(home, worker)
         except BaseException:
             await server.close()
@@ -174,8 +186,66 @@ def _serve(
         if advertiser is not None:
             await advertiser.close()
         await server.close()
+        if tpm_lock is not None:
+            asyncio.get_running_loop().remove_reader(tpm_lock.fileno())
+            tpm_lock.close()
 
     serve_until_signal(start, close)
+
+
+def _lock_tpm(tcti: str) -> socket.socket | None:
+    """Claim the TPM that ``tcti`` reaches for this serve, if it has no resource manager.
+
+    serve flushes every transient object and session on such a TPM when it
+    connects, so two serve processes on one TPM, even with different homes,
+    would flush each other's storage key and session at every start and
+    reconnection.  Return the socket that holds the claim, or None for a
+    TPM behind a resource manager, which needs none.
+    """
+    if has_resource_manager(tcti):
+        return None
+    identity = tpm_identity(tcti)
+    name = TPM_LOCK_PREFIX + hashlib.sha256(identity.encode("utf-8")).hexdigest().encode("ascii")
+    claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        claim.bind(name)
+        # Listening lets a second serve ask the kernel who holds the claim.
+        claim.listen(1)
+        claim.setblocking(False)
+        return claim
+    except OSError as exc:
+        claim.close()
+        if exc.errno != errno.EADDRINUSE:
+            raise ConfigError(f"cannot claim the TPM at TCTI {tcti!r} for this serve: {exc.strerror or exc}") from None
+    holder = _claim_holder(name)
+    raise ConfigError(
+        f"another 'tpmsigner serve' ({holder}) uses the TPM at TCTI {tcti!r}, which has no resource manager, "
+        "so each would flush the other's storage key and session; stop it first, or reach the TPM through a "
+        "resource manager (/dev/tpmrm0 or tpm2-abrmd)"
+    )
+
+
+def _close_claim_probe(claim: socket.socket) -> None:
+    """Accept and close a second serve's probe, so that probes never fill the listen backlog."""
+    try:
+        connection, _ = claim.accept()
+    except OSError:
+        return
+    connection.close()
+
+
+def _claim_holder(name: bytes) -> str:
+    """Describe the process that holds the abstract socket ``name``, from its SO_PEERCRED credentials."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(name)
+        pid, uid, _ = struct.unpack("3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        return f"pid {pid}, uid {uid}"
+    except OSError:
+        return "pid unknown"
+    finally:
+        probe.close()
 
 
 def _listen_error(listen: str, exc: OSError) -> str:
