@@ -212,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also offer the keys of the ssh-agent listening on SOCKET (OpenSSH's, gpg-agent's), "
         "for example --upstream \"$SSH_AUTH_SOCK\"",
     )
+    run.add_argument(
+        "--interface",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="look for signers pinned with the address 'mdns' only on the interface with this IP address, or "
+        "with this name; may be repeated (default: every interface)",
+    )
     run.add_argument("--log-file", help="in the background, append the log to this file (default: discard it)")
     run.add_argument(
         "--audit-log", help="audit log file (default: $XDG_STATE_HOME/tpmsigner-agent/audit.jsonl)"
@@ -237,7 +245,8 @@ def _add_browse_options(parser: argparse.ArgumentParser, timeout_help: str) -> N
         action="append",
         default=[],
         metavar="ADDR",
-        help="use mDNS only on the interface with this IP address; may be repeated (default: every interface)",
+        help="use mDNS only on the interface with this IP address, or with this name; may be repeated "
+        "(default: every interface)",
     )
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from zeroconf import ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from tpmsigner.discovery import parse_txt, zeroconf_options
+from tpmsigner.discovery import interface_addresses, parse_txt, zeroconf_options
 
 from .config import DEFAULT_BROWSE_TIMEOUT
 
@@ -71,7 +71,8 @@ async def browse(
 
     With ``fingerprint``, return as soon as one service with that ``fp``
     TXT record has resolved, and only that one.  ``interfaces`` limits the
-    mDNS traffic to the interfaces with these IP addresses.
+    mDNS traffic to the interfaces with these IP addresses or names.
+    Raises ConfigError for a name that no interface has.
     """
     found: dict[str, DiscoveredService] = {}
     names: asyncio.Queue[str] = asyncio.Queue()
@@ -101,7 +102,7 @@ async def browse(
             for task in pending:
                 task.cancel()
 
-    async_zeroconf = AsyncZeroconf(**zeroconf_options(interfaces))
+    async_zeroconf = AsyncZeroconf(**zeroconf_options(interface_addresses(interfaces) if interfaces else None))
     browser = AsyncServiceBrowser(async_zeroconf.zeroconf, [service_type], handlers=[on_change])
     resolver = asyncio.create_task(resolve_all(async_zeroconf.zeroconf))
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import ipaddress
 import logging
 import os
 import signal
@@ -55,6 +56,7 @@ def command_run(args: argparse.Namespace, home: AgentHome) -> int:
         raise ConfigError("--log-file applies to the background mode; in the foreground the log goes to stderr")
     home.static_key()  # create the key now, so a problem shows before forking
     home.signers()
+    check_interfaces(args.interface)
     audit_path = Path(args.audit_log) if args.audit_log else default_audit_path()
 
     # From the moment the socket exists until the event loop handles them,
@@ -83,7 +85,7 @@ def command_run(args: argparse.Namespace, home: AgentHome) -> int:
         except BaseException:
             _close(listening)
             raise
-        _serve_and_clean_up(listening, home, audit_path, upstream, args.pid_file)
+        _serve_and_clean_up(listening, home, audit_path, upstream, args.pid_file, args.interface)
         return 0
 
     pid = os.fork()
@@ -116,7 +118,7 @@ def command_run(args: argparse.Namespace, home: AgentHome) -> int:
     configure_logging(logging.getLogger().level)  # stderr is now the log file, not the terminal or journal
     try:
         # The parent has written the pid file; this process removes it.
-        _serve_and_clean_up(listening, home, audit_path, upstream, args.pid_file)
+        _serve_and_clean_up(listening, home, audit_path, upstream, args.pid_file, args.interface)
     finally:
         os._exit(0)
 
@@ -138,6 +140,36 @@ def _listening_socket(args: argparse.Namespace) -> ListeningSocket:
         _remove_empty_directory(path.parent)
         raise
     return ListeningSocket(sock, str(path), owns_path=True, temporary_directory=path.parent)
+
+
+def check_interfaces(specs: list[str]) -> None:
+    """Check ``--interface`` values at start, without importing zeroconf, which would slow the start.
+
+    An IP address must belong to this host and a name must be an
+    interface's.  Raises ConfigError naming the value otherwise.
+    """
+    for spec in specs:
+        try:
+            address = ipaddress.ip_address(spec)
+        except ValueError:
+            names = sorted(name for _, name in socket.if_nameindex())
+            if spec not in names:
+                raise ConfigError(
+                    f"invalid --interface {spec!r}: not an IP address or an interface name ({', '.join(names)})"
+                ) from None
+            continue
+
+        # Binding proves that the address is one of this host's, as
+        # zeroconf's own bind to it would at the first lookup.
+        family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((spec, 0))
+            except OSError as exc:
+                raise ConfigError(
+                    f"invalid --interface {spec}: no interface of this host has that address "
+                    f"({exc.strerror or exc}); give one of its addresses or its name"
+                ) from None
 
 
 def _upstream(path_text: str | None, own_path: str) -> UpstreamAgent | None:
@@ -174,6 +206,7 @@ def _serve_and_clean_up(
     audit_path: Path,
     upstream: UpstreamAgent | None,
     pid_file: str | None,
+    mdns_interfaces: list[str],
 ) -> None:
     """Serve until SIGINT, SIGTERM or SIGHUP, then clean up.
 
@@ -185,7 +218,9 @@ def _serve_and_clean_up(
     signers = home.signers()
     if not signers:
         logger.warning("no signer is trusted yet; pin one with 'tpmsigner-agent trust NAME HOST:PORT KEY'")
-    server = AgentServer(signers, home.static_key(), AuditLog(audit_path), upstream=upstream)
+    server = AgentServer(
+        signers, home.static_key(), AuditLog(audit_path), upstream=upstream, mdns_interfaces=mdns_interfaces or None
+    )
 
     async def start() -> None:
         await server.start(listening.sock)

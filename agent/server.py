@@ -54,8 +54,9 @@ class AgentServer:
         static_key: StaticKey,
         audit_log: AuditLog | None = None,
         upstream: UpstreamAgent | None = None,
+        mdns_interfaces: list[str] | None = None,
     ) -> None:
-        self.clients = [SignerClient(signer, static_key) for signer in signers]
+        self.clients = [SignerClient(signer, static_key, mdns_interfaces) for signer in signers]
         self.audit_log = audit_log
         self.upstream = upstream
         self._audit_ids = itertools.count(1)

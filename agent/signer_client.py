@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import logging
 
-from tpmsigner.errors import ChannelError, ProtocolError, SignerError
+from tpmsigner.errors import ChannelError, ConfigError, ProtocolError, SignerError
 from tpmsigner.protocol import channel
 from tpmsigner.protocol.sessionbind import BindingEvidence
 from tpmsigner.protocol.messages import (
@@ -51,9 +51,14 @@ class SignerUnavailableError(SignerError):
 
 
 class SignerClient:
-    def __init__(self, signer: PinnedSigner, static_key: channel.StaticKey) -> None:
+    def __init__(
+        self, signer: PinnedSigner, static_key: channel.StaticKey, mdns_interfaces: list[str] | None = None
+    ) -> None:
         self.signer = signer
         self.static_key = static_key
+        # IP addresses or names of the interfaces to look for an "mdns"
+        # signer on; None means every interface.
+        self.mdns_interfaces = mdns_interfaces
         self._secure: channel.NoiseChannel | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._connecting: asyncio.Future[channel.NoiseChannel] | None = None
@@ -191,7 +196,13 @@ class SignerClient:
         from . import discovery
 
         fingerprint = channel.public_key_fingerprint(self.signer.public_key)
-        services = await discovery.browse(SIGNER_SERVICE, MDNS_LOOKUP_TIMEOUT, fingerprint=fingerprint)
+        try:
+            services = await discovery.browse(
+                SIGNER_SERVICE, MDNS_LOOKUP_TIMEOUT, self.mdns_interfaces, fingerprint=fingerprint
+            )
+        except ConfigError as exc:
+            # An interface named at start has gone away since.
+            raise SignerUnavailableError(f"cannot look for signer {self.signer.name!r} over mDNS: {exc}") from None
         if not services:
             raise SignerUnavailableError(
                 f"signer {self.signer.name!r} ({fingerprint}) was not found over mDNS within "

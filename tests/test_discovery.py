@@ -168,6 +168,54 @@ def test_agent_finds_mdns_signer_by_key(netns_chain: NamespacedChain) -> None:
     assert udp_listeners(MDNS_PORT) == []
 
 
+@pytest.mark.parametrize("interface", ["127.0.0.1", "lo"])
+def test_agent_interface_option_finds_signer(netns_chain: NamespacedChain, interface: str) -> None:
+    chain = netns_chain
+    public_line = chain.keygen("work", PIN)
+    chain.tpmsigner("allow", "laptop", chain.tpmsigner_agent("id").stdout.strip())
+    chain.tpmsigner_agent("trust", "home", "mdns", chain.tpmsigner("id").stdout.strip())
+
+    chain.start_signer()
+    chain.start_agent("--interface", interface)
+    listed = chain.ssh_add("-L")
+
+    assert listed.returncode == 0, listed.stderr
+    assert public_line.split()[1] in listed.stdout
+    assert udp_listeners(MDNS_PORT) == []
+
+
+@pytest.mark.parametrize(
+    ("interface", "message"),
+    [
+        ("192.0.2.1", "invalid --interface 192.0.2.1: no interface of this host has that address"),
+        ("no-such-if0", "invalid --interface 'no-such-if0': not an IP address or an interface name (lo)"),
+    ],
+)
+def test_agent_interface_option_checked_at_start(netns_chain: NamespacedChain, interface: str, message: str) -> None:
+    chain = netns_chain
+    chain.tpmsigner_agent("trust", "home", "mdns", chain.tpmsigner("id").stdout.strip())
+
+    result = chain.tpmsigner_agent(
+        "run", "--foreground", "--socket", str(chain.agent_socket), "--interface", interface, check=False
+    )
+
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not chain.agent_socket.exists()
+
+
+def test_discover_accepts_interface_name(netns_chain: NamespacedChain) -> None:
+    chain = netns_chain
+    signer = chain.start_signer()
+    fingerprint = public_key_fingerprint(parse_public_key(chain.tpmsigner("id").stdout.strip()))
+    wait_until(lambda: "advertising _tpmsigner._tcp.local." in signer.log_text(), 10, "the signer to advertise")
+
+    services = _discover(chain, "--interface", "lo")
+
+    assert [service["fingerprint"] for service in services] == [fingerprint]
+
+
 def test_mdns_signer_absent_fails_clearly(netns_chain: NamespacedChain) -> None:
     chain = netns_chain
     chain.keygen("work", PIN)
