@@ -22,6 +22,7 @@ from tpmsigner.signer.worker import TpmWorker
 from tpmsigner.templates import SRK_PERSISTENT_HANDLE, srk_ecc_p256_template
 from tpmsigner.tpm import PARENT_OWNER, Tpm
 from tests.support import start_swtpm
+from tests.test_tpm_tampering import loaded_handles
 
 PIN = b"pin-Xq7-under-test"
 
@@ -314,3 +315,45 @@ def test_threads_share_one_tpm(swtpm, store) -> None:
     finally:
         tpm.close()
     assert loaded_handles(swtpm.tcti) == {"transient": [], "sessions": []}
+
+
+def test_own_loaded_keys_give_way_to_load(swtpm, tmp_path) -> None:
+    # Another client (as tpmsigner serve would) keeps its storage key
+    # loaded, so with this process's storage key and one kept signing key
+    # the emulator's three object slots are full.  Loading a second key
+    # must flush the kept one instead of failing with out of object memory.
+    store = tpmsigner.KeyStore(tmp_path / "home")
+    with Tpm(swtpm.tcti) as other, Tpm(swtpm.tcti) as tpm:
+        other.check_parents([])
+        first = tpmsigner.create_identity(tpm, store, "first", PIN)
+        second = tpmsigner.create_identity(tpm, store, "second", PIN)
+
+        tpmsigner.sign_data(tpm, store, first, b"one", PIN)
+        assert len(loaded_handles(swtpm.tcti)["transient"]) == 3
+        signature = tpmsigner.sign_data(tpm, store, second, b"two", PIN)
+
+        assert asyncssh.import_public_key(second.openssh_line()).verify(b"two", signature)
+        assert len(loaded_handles(swtpm.tcti)["transient"]) == 3
+        # The first key loads again the same way.
+        signature = tpmsigner.sign_data(tpm, store, first, b"three", PIN)
+        assert asyncssh.import_public_key(first.openssh_line()).verify(b"three", signature)
+
+
+def test_parent_check_rejects_other_tpm(swtpm, tmp_path) -> None:
+    # The documented check in docs/library.md: a TPM whose storage key has
+    # another name than the one recorded is refused before a PIN is sent.
+    home = tmp_path / "home"
+    store = tpmsigner.KeyStore(home)
+    with tpmsigner.Tpm(swtpm.tcti, parent_check=tpmsigner.TpmBinding(home).check) as tpm:
+        identity = tpmsigner.create_identity(tpm, store, "work", PIN)
+    assert (home / "tpm.json").exists()
+
+    other = start_swtpm(tmp_path / "other-swtpm")
+    try:
+        counter_before = tpm_property(other.tcti, TPM2_PT.LOCKOUT_COUNTER)
+        with tpmsigner.Tpm(other.tcti, parent_check=tpmsigner.TpmBinding(home).check) as other_tpm:
+            with pytest.raises(tpmsigner.TpmBindingError, match="another TPM"):
+                tpmsigner.sign_data(other_tpm, store, identity, b"payload", PIN)
+        assert tpm_property(other.tcti, TPM2_PT.LOCKOUT_COUNTER) == counter_before
+    finally:
+        other.stop()

@@ -28,6 +28,7 @@ _EXPORTS = {
     "TpmKeyBlob": "tpmsigner.tpm",
     "KeyStore": "tpmsigner.store",
     "Identity": "tpmsigner.store",
+    "TpmBinding": "tpmsigner.store",
     "KeyType": "tpmsigner.keytypes",
     "KEY_TYPES": "tpmsigner.keytypes",
     "TpmEllipticCurvePrivateKey": "tpmsigner.pyca_keys",
@@ -43,6 +44,7 @@ _EXPORTS = {
     "TpmAuthError": "tpmsigner.errors",
     "TpmLockoutError": "tpmsigner.errors",
     "TpmKeyLoadError": "tpmsigner.errors",
+    "TpmBindingError": "tpmsigner.errors",
     "TpmUnavailableError": "tpmsigner.errors",
     "KeyStoreError": "tpmsigner.errors",
     "StateWriteError": "tpmsigner.errors",
@@ -59,6 +61,7 @@ if TYPE_CHECKING:
         KeyStoreError,
         StateWriteError,
         TpmAuthError,
+        TpmBindingError,
         TpmError,
         TpmKeyLoadError,
         TpmLockoutError,
@@ -70,7 +73,7 @@ if TYPE_CHECKING:
     from .keytypes import KEY_TYPES, KeyType
     from .pyca_keys import TpmEllipticCurvePrivateKey, TpmRsaPrivateKey, private_key_for
     from .signer.approvers import ApprovalRequest, CallableApprover
-    from .store import Identity, KeyStore
+    from .store import Identity, KeyStore, TpmBinding
     from .tpm import Tpm, TpmKeyBlob
 
 

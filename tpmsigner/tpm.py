@@ -1007,6 +1007,15 @@ class Tpm:
             # fails the signature's HMAC, which covers the key's name.
             key_handle = self._context().load(parent_handle, private, public, session1=ESYS_TR.PASSWORD)
         except TSS2_Exception as exc:
+            if _response_code(exc) == TPM2_RC.OBJECT_MEMORY and len(self._loaded):
+                # The signing keys kept loaded for later signatures hold
+                # slots that this load needs, for example on an emulator
+                # that another program's storage key also uses.  They give
+                # way, and the load is tried once more with none kept.
+                logger.debug("out of TPM object memory; flushing %d kept signing keys", len(self._loaded))
+                for handle in self._loaded.clear():
+                    self._flush_quietly(handle)
+                return self._load(blob)
             error = self._translate(exc, "loading the key")
             # Out of object memory is no fault of the key file, and that error's message names the fix.
             if type(error) is TpmError and _response_code(exc) != TPM2_RC.OBJECT_MEMORY:
