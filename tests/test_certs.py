@@ -403,7 +403,7 @@ def test_restricted_certificate_login_only_to_listed_host(
     assert len(chain.approver_requests()) == 1
     assert chain.approver_requests()[0]["TPMSIGNER_CERTIFICATE"] == "yes"
     assert chain.signer is not None
-    assert "may only log in to 1 listed host keys" in chain.signer.log_text()
+    assert "may only log in to the host keys listed with 'tpmsigner restrict' (1)" in chain.signer.log_text()
 
 
 def test_certificate_file_on_the_agent_host_is_shown(chain: Chain, ca: CertificateAuthority, sshd_factory) -> None:

@@ -168,7 +168,7 @@ def test_restricted_identity_signs_only_for_listed_host(chain: Chain, sshd_facto
     assert to_allowed.returncode == 0, to_allowed.stderr
     assert len(chain.approver_requests()) == 1
     assert chain.signer is not None
-    assert "may only log in to 1 listed host keys" in chain.signer.log_text()
+    assert "may only log in to the host keys listed with 'tpmsigner restrict' (1)" in chain.signer.log_text()
     shown = chain.tpmsigner("show", "work").stdout
     assert host_key_fingerprint(allowed) in shown
 
@@ -189,3 +189,15 @@ def test_restricted_identity_refuses_other_purposes(chain: Chain, sshd_factory) 
 
     chain.tpmsigner("unrestrict", "work")
     assert asyncssh.import_public_key(public_line).verify(b"not a login", asyncio.run(asyncio.wait_for(sign(), 30)))
+
+
+def test_restrict_rejects_private_host_key(chain: Chain, sshd_factory) -> None:
+    public_line = chain.keygen("work", "2468-restrict")
+    host = sshd_factory(authorized_keys=[public_line])
+
+    result = chain.tpmsigner("restrict", "work", "--host-key", str(host.host_key), check=False)
+
+    assert result.returncode == 1
+    assert f"{host.host_key} is a private key or a PEM file, not an OpenSSH public key line" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "only for host:" not in chain.tpmsigner("show", "work").stdout

@@ -86,5 +86,5 @@ def test_refused_approval_fails_commit(chain: Chain, repository: Path) -> None:
     committed = git(chain, repository, "commit", "--quiet", "--allow-empty", "-S", "-m", "refused", check=False)
 
     assert committed.returncode != 0
-    assert "failed to write commit object" in committed.stderr
+    assert "fatal: failed to write commit object" in committed.stderr
     assert git(chain, repository, "rev-list", "--all", check=False).stdout == ""

@@ -97,6 +97,7 @@ def test_delete_needs_confirmation(chain: Chain) -> None:
 
     refused = chain.tpmsigner("delete", "work", check=False)
     assert refused.returncode == 1
+    assert "deleting identity 'work', whose key cannot be recovered, needs confirmation on a terminal" in refused.stderr
     assert "--yes" in refused.stderr
     assert sorted(files_of(keys_dir)) == ["work.json", "work.tss"]
 

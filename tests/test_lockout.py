@@ -115,7 +115,10 @@ def test_wrong_pins_lead_to_lockout(chain: Chain, swtpm: Swtpm) -> None:
         assert signing.returncode != 0, signing.stderr
         assert len(chain.approver_requests()) == attempt
         assert chain.signer is not None
-        assert f"{MAX_TRIES - attempt} of {MAX_TRIES} tries left" in chain.signer.log_text()
+        if attempt < MAX_TRIES:
+            assert f"{MAX_TRIES - attempt} of {MAX_TRIES} tries left" in chain.signer.log_text()
+        else:
+            assert "that was the last try: the TPM is now in dictionary-attack lockout" in chain.signer.log_text()
 
     # Even the right PIN is not asked for, because the TPM would reject it unchecked.
     chain.set_approver_pin(PIN)
@@ -199,8 +202,8 @@ def test_library_rejects_pin_during_lockout(swtpm: Swtpm) -> None:
         after = tpm.lockout_status()
 
     assert messages == [
-        f"signing failed: wrong PIN; {left} of {MAX_TRIES} tries left before the TPM locks out"
-        for left in (2, 1, 0)
+        *(f"signing failed: wrong PIN; {left} of {MAX_TRIES} tries left before the TPM locks out" for left in (2, 1)),
+        "signing failed: wrong PIN; that was the last try: the TPM is now in dictionary-attack lockout",
     ]
     assert "dictionary-attack lockout" in str(locked.value)
     assert "the next try is allowed within 600 s" in str(locked.value)

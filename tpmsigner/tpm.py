@@ -476,7 +476,7 @@ class Tpm:
             except TSS2_Exception as exc:
                 raise TpmUnavailableError(
                     f"cannot open the TPM at TCTI {self.tcti!r}: {exc}. Check that the TPM "
-                    "(or swtpm) is running and that --tcti or TPMSIGNER_TCTI names it",
+                    "(or swtpm) is running and that --tcti, TPMSIGNER_TCTI or the configuration file's tcti names it",
                     rc=int(exc.rc),
                 ) from None
             if self.flush_stale_handles and not has_resource_manager(self.tcti):
@@ -609,6 +609,8 @@ class Tpm:
             status = self._lockout_status()
         except (TSS2_Exception, TpmError):
             return ""
+        if status.in_lockout or status.tries_left <= 0:
+            return "; that was the last try: the TPM is now in dictionary-attack lockout"
         return f"; {status.tries_left} of {status.max_tries} tries left before the TPM locks out"
 
     def _lockout_error(self, what: str, rc: int | None = None) -> TpmLockoutError:

@@ -63,10 +63,13 @@ def read_new_pin(pin_file: str | None, what: str = "the new key") -> bytes:
     return pin.encode("utf-8")
 
 
-def confirm(question: str) -> bool:
-    """Ask a yes/no question on the terminal; no terminal means no."""
+def confirm(question: str, action: str) -> bool:
+    """Ask a yes/no ``question`` on the terminal before ``action`` (a phrase such as "deleting X").
+
+    Raises ConfigError without a terminal to ask on.
+    """
     if not sys.stdin.isatty():
-        raise ConfigError(f"{question} needs confirmation on a terminal; add --yes to confirm in advance")
+        raise ConfigError(f"{action} needs confirmation on a terminal; add --yes to confirm in advance")
     return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
 
 

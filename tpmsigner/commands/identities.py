@@ -97,7 +97,8 @@ def command_delete(args: argparse.Namespace) -> int:
     store = key_store(args)
     identity = store.get(args.label)
     if not args.yes and not confirm(
-        f"Delete identity {identity.label!r} ({identity.fingerprint})? The key cannot be recovered"
+        f"Delete identity {identity.label!r} ({identity.fingerprint})? The key cannot be recovered",
+        f"deleting identity {identity.label!r}, whose key cannot be recovered,",
     ):
         print("nothing was deleted", file=sys.stderr)
         return 1
@@ -179,9 +180,21 @@ def command_restrict(args: argparse.Namespace) -> int:
     for path in args.host_key:
         try:
             line = Path(path).read_text().strip().splitlines()[0]
-            key = asyncssh.import_public_key(line)
-        except (OSError, IndexError, ValueError, asyncssh.KeyImportError) as exc:
+        except (OSError, IndexError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read a host public key from {path}: {exc}") from None
+        if line.startswith("-----BEGIN"):
+            # The host key's .pub file is the one to give, never its private key.
+            raise ConfigError(
+                f"{path} is a private key or a PEM file, not an OpenSSH public key line; give the host's "
+                ".pub file, e.g. /etc/ssh/ssh_host_ecdsa_key.pub, or a line from 'ssh-keyscan HOST'"
+            )
+        try:
+            key = asyncssh.import_public_key(line)
+        except (ValueError, asyncssh.KeyImportError) as exc:
+            raise ConfigError(
+                f"cannot read a host public key from {path}: {exc}; give an OpenSSH public key line "
+                "such as the host's .pub file"
+            ) from None
         fingerprints.append(fingerprint_of_blob(key.public_data))
     identity = key_store(args).set_allowed_host_keys(args.label, tuple(dict.fromkeys(fingerprints)))
     print(

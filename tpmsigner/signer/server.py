@@ -545,7 +545,8 @@ class _AgentSession:
             # Only a login whose binding the signer verified itself can name
             # a host key, so an agent cannot talk its way past this.
             logger.warning(
-                "request #%d from device %r: key %r may only log in to %d listed host keys, not %s; rejected",
+                "request #%d from device %r: key %r may only log in to the host keys listed with "
+                "'tpmsigner restrict' (%d), not %s; rejected",
                 serial,
                 device,
                 identity.label,
