@@ -5,6 +5,7 @@ A killed agent's socket and a second agent on a live one are in test_faults.py.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -275,3 +276,51 @@ def test_home_help_names_every_fallback(build_parser, default_home, variable: st
     assert f"${variable}" in help_text
     assert f"$XDG_DATA_HOME/{default_home().name}" in help_text
     assert fallback in help_text
+
+
+def test_signers_check_reports_each_signer(chain: Chain) -> None:
+    chain.keygen("work", PIN)
+    chain.pair("laptop")
+    chain.start_signer()
+    # A second pinned signer that nothing serves.
+    chain.tpmsigner_agent("trust", "gone", "127.0.0.1:9", format_public_key(b"\x05" * 32))
+
+    checked = chain.tpmsigner_agent("signers", "--check", "--json", check=False)
+    text = chain.tpmsigner_agent("signers", "--check", check=False)
+
+    assert checked.returncode == 1
+    by_name = {record["name"]: record for record in json.loads(checked.stdout)}
+    assert by_name["test-signer"]["reachable"] is True
+    assert by_name["test-signer"]["identities"] == 1
+    assert by_name["test-signer"]["error"] is None
+    assert by_name["gone"]["reachable"] is False
+    assert by_name["gone"]["identities"] is None
+    assert "cannot connect to signer 'gone' at 127.0.0.1:9" in by_name["gone"]["error"]
+    assert text.returncode == 1
+    assert re.search(r"test-signer .* ok, 1 identities", text.stdout)
+    assert re.search(r"gone .* unreachable", text.stdout)
+    assert "gone: cannot connect to signer 'gone'" in text.stderr
+    # Listing asks for no approval.
+    assert chain.approver_requests() == []
+
+
+def test_signers_check_names_revoked_agent(chain: Chain) -> None:
+    chain.keygen("work", PIN)
+    chain.pair("laptop")
+    chain.start_signer()
+    assert chain.tpmsigner_agent("signers", "--check").returncode == 0
+    chain.tpmsigner("revoke", "laptop")
+
+    result = chain.tpmsigner_agent("signers", "--check", check=False)
+
+    assert result.returncode == 1
+    assert re.search(r"test-signer .* unreachable", result.stdout)
+    assert "tpmsigner allow" in result.stderr
+
+
+def test_signers_without_check_print_nulls(chain: Chain) -> None:
+    chain.pair("laptop")
+
+    listed = json.loads(chain.tpmsigner_agent("signers", "--json").stdout)
+
+    assert [(record["reachable"], record["identities"], record["error"]) for record in listed] == [(None, None, None)]
