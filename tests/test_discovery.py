@@ -281,3 +281,19 @@ def test_pair_without_window_fails(netns_chain: NamespacedChain) -> None:
         agent.close()
     assert "no pairing window found over mDNS within 1 s" in agent.output
     assert not (chain.agent_home / "signers.json").exists()
+
+
+def test_unusable_interface_warns_in_one_line(namespace: NetworkNamespace, tmp_path: Path) -> None:
+    # Debian's loopback has no MULTICAST flag, so zeroconf cannot send on
+    # ::1 and logs a warning with a traceback, which only -v should show.
+    namespace.run(["ip", "link", "set", "lo", "multicast", "off"], check=True)
+    home = tmp_path / "agent-home"
+    argv = [*AGENT_COMMAND, "--home", str(home), "discover", "--timeout", "1"]
+
+    quiet = namespace.run(argv)
+    verbose = namespace.run([*AGENT_COMMAND, "--home", str(home), "-v", "discover", "--timeout", "1"])
+
+    assert quiet.returncode == 0, quiet.stderr
+    assert "WARNING zeroconf: Error with socket" in quiet.stderr
+    assert "Traceback" not in quiet.stderr
+    assert "Traceback" in verbose.stderr

@@ -75,6 +75,26 @@ class OneLineFormatter(logging.Formatter):
         return text
 
 
+class LibraryTracebackFilter(logging.Filter):
+    """Drop the traceback from other libraries' warnings unless debug messages are on.
+
+    zeroconf logs a warning with a whole traceback when one interface
+    cannot send multicast, for example an IPv6 loopback without the
+    MULTICAST flag, which is Debian's default.  The error itself is in the
+    message, and the traceback helps only someone debugging.
+    """
+
+    LIBRARIES = frozenset({"zeroconf"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        library = record.name.split(".", 1)[0]
+        if record.exc_info and record.levelno < logging.ERROR and library in self.LIBRARIES:
+            if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+                record.exc_info = None
+                record.exc_text = None
+        return True
+
+
 def level_for(verbose: bool, quiet: bool) -> int:
     """Return the logging level for the -v and -q options: debug, warnings only, or info."""
     if verbose:
@@ -170,4 +190,5 @@ def configure_logging(level: int) -> None:
     """
     handler = TerminalHoldingHandler(sys.stderr)
     handler.setFormatter(OneLineFormatter(journal=stderr_is_journal()))
+    handler.addFilter(LibraryTracebackFilter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
