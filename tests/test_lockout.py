@@ -133,6 +133,12 @@ def test_wrong_pins_lead_to_lockout(chain: Chain, swtpm: Swtpm) -> None:
     assert status["dictionary_attack"]["in_lockout"] is True
     assert status["dictionary_attack"]["tries_left"] == 0
     assert "signed with" not in signer_log
+    # The rejection is audited with what was asked for, as an approved request would be.
+    last = json.loads((chain.signer_home / "audit.jsonl").read_text().splitlines()[-1])
+    assert last["outcome"] == "locked_out"
+    assert last["key_label"] == "work"
+    assert last["purpose"] == "sshsig:file"
+    assert last["destination"]["user"] is None
 
 
 def test_right_pin_works_after_recovery(chain: Chain, swtpm: Swtpm) -> None:

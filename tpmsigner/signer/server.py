@@ -514,9 +514,31 @@ class _AgentSession:
             logger.error("request #%d: reading the key store failed: %s", serial, exc)
             return Failure(request_id, FailureCode.INTERNAL_ERROR, "the signer cannot read its key store")
 
+        record["key_label"] = identity.label
         if not identity.enabled:
             logger.warning("request #%d from device %r names disabled key %r: rejected", serial, device, identity.label)
             return Failure(request_id, FailureCode.KEY_DISABLED, f"key {identity.label!r} is disabled")
+
+        # The signer reads the purpose from the data itself rather than
+        # trusting the agent, so a compromised agent cannot disguise a request.
+        # It is read first, so that every rejection below is audited with it.
+        info = describe_signed_data(request.data, request.key_blob)
+        record["purpose"] = info.purpose
+        try:
+            destination = check_destination(info, request.evidence)
+            certificate = certificate_in_use(identity, request.key_blob, info)
+        except (DestinationError, CertificateError) as exc:
+            logger.warning("request #%d from device %r: %s; rejected", serial, device, exc)
+            return Failure(request_id, FailureCode.BAD_REQUEST, str(exc))
+        record["destination"] = {
+            "user": info.user,
+            "host": destination.text.rpartition("@")[2] if destination.text else None,
+            "host_key_fingerprint": destination.host_key_fingerprint or None,
+            "verified": destination.verified,
+            "forwarded": destination.forwarded,
+        }
+        if certificate is not None:
+            record["certificate"] = {"key_id": certificate.key_id, "serial": certificate.serial}
 
         # A device whose requests keep being refused is not allowed to
         # keep the prompts coming (tpmsigner/signer/refusals.py).
@@ -530,17 +552,6 @@ class _AgentSession:
         if refusal is not None:
             return refusal
 
-        # The signer reads the purpose from the data itself rather than
-        # trusting the agent, so a compromised agent cannot disguise a request.
-        info = describe_signed_data(request.data, request.key_blob)
-        try:
-            destination = check_destination(info, request.evidence)
-            certificate = certificate_in_use(identity, request.key_blob, info)
-        except (DestinationError, CertificateError) as exc:
-            logger.warning("request #%d from device %r: %s; rejected", serial, device, exc)
-            return Failure(request_id, FailureCode.BAD_REQUEST, str(exc))
-        if certificate is not None:
-            record["certificate"] = {"key_id": certificate.key_id, "serial": certificate.serial}
         if identity.allowed_host_keys and destination.host_key_fingerprint not in identity.allowed_host_keys:
             # Only a login whose binding the signer verified itself can name
             # a host key, so an agent cannot talk its way past this.
@@ -555,17 +566,6 @@ class _AgentSession:
             )
             return Failure(request_id, FailureCode.DENIED, f"key {identity.label!r} is restricted to other hosts")
 
-        record.update(
-            key_label=identity.label,
-            purpose=info.purpose,
-            destination={
-                "user": info.user,
-                "host": destination.text.rpartition("@")[2] if destination.text else None,
-                "host_key_fingerprint": destination.host_key_fingerprint or None,
-                "verified": destination.verified,
-                "forwarded": destination.forwarded,
-            },
-        )
         approval = ApprovalRequest(
             request_id=serial,
             key_label=identity.label,
