@@ -228,7 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=command_run)
 
     audit = commands.add_parser("audit", help="print the audit log, or check it with 'audit verify'")
-    audit.add_argument("action", nargs="?", choices=["show", "verify"], default="show")
+    audit.add_argument(
+        "action",
+        nargs="?",
+        choices=["show", "verify"],
+        default="show",
+        help="show: print the entries (the default); verify: check the hash chain and name the first line "
+        "that breaks it",
+    )
     audit.add_argument("--file", help="audit log file (default: $XDG_STATE_HOME/tpmsigner-agent/audit.jsonl)")
     audit.add_argument("--since", help="only entries at or after this ISO 8601 time, e.g. 2026-12-04T10:00")
     audit.add_argument("--json", action="store_true", help="print JSON lines as stored")

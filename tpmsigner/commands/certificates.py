@@ -181,10 +181,10 @@ def add_parsers(commands) -> None:
         "add",
         help="store a user certificate of the identity's key; agents then list the key and the certificate",
     )
-    add.add_argument("label")
+    add.add_argument("label", help="the identity's label, as 'tpmsigner list' shows it")
     add.add_argument("file", help="the certificate, e.g. work-cert.pub written by ssh-keygen -s")
     add.set_defaults(handler=command_cert_add)
 
     remove = actions.add_parser("remove", help="remove an identity's certificate")
-    remove.add_argument("label")
+    remove.add_argument("label", help="the identity's label, as 'tpmsigner list' shows it")
     remove.set_defaults(handler=command_cert_remove)

@@ -228,36 +228,36 @@ def add_parsers(commands) -> None:
     list_parser.set_defaults(handler=command_list)
 
     show = commands.add_parser("show", help="show one identity (does not use the TPM)")
-    show.add_argument("label")
+    show.add_argument("label", help="the identity's label, as 'tpmsigner list' shows it")
     show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(handler=command_show)
 
     enable = commands.add_parser("enable", help="let agents list and use an identity again")
-    enable.add_argument("label")
+    enable.add_argument("label", help="the identity's label, as 'tpmsigner list' shows it")
     enable.set_defaults(handler=command_enable)
 
     disable = commands.add_parser("disable", help="hide an identity from agents and reject its use")
-    disable.add_argument("label")
+    disable.add_argument("label", help="the identity's label, as 'tpmsigner list' shows it")
     disable.set_defaults(handler=command_disable)
 
     delete = commands.add_parser("delete", help="delete an identity and its key file")
-    delete.add_argument("label")
+    delete.add_argument("label", help="the identity's label, as 'tpmsigner list' shows it")
     delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     delete.set_defaults(handler=command_delete)
 
     rotate = commands.add_parser("rotate", help="replace an identity's key, keeping the old one disabled")
-    rotate.add_argument("label")
+    rotate.add_argument("label", help="the identity's label, as 'tpmsigner list' shows it")
     rotate.add_argument("--pin-file", help="read the new key's PIN from the first line of this file")
     rotate.set_defaults(handler=command_rotate)
 
     change_pin = commands.add_parser("change-pin", help="change an identity's PIN (TPM2_ObjectChangeAuth)")
-    change_pin.add_argument("label")
+    change_pin.add_argument("label", help="the identity's label, as 'tpmsigner list' shows it")
     change_pin.add_argument("--pin-file", help="read the current PIN from the first line of this file")
     change_pin.add_argument("--new-pin-file", help="read the new PIN from the first line of this file")
     change_pin.set_defaults(handler=command_change_pin)
 
     restrict = commands.add_parser("restrict", help="let an identity sign only logins to given host keys")
-    restrict.add_argument("label")
+    restrict.add_argument("label", help="the identity's label, as 'tpmsigner list' shows it")
     restrict.add_argument(
         "--host-key",
         action="append",
@@ -268,7 +268,7 @@ def add_parsers(commands) -> None:
     restrict.set_defaults(handler=command_restrict)
 
     unrestrict = commands.add_parser("unrestrict", help="lift an identity's host key restriction")
-    unrestrict.add_argument("label")
+    unrestrict.add_argument("label", help="the identity's label, as 'tpmsigner list' shows it")
     unrestrict.set_defaults(handler=command_unrestrict)
 
     import_parser = commands.add_parser("import", help="adopt a TSS2 PRIVATE KEY file made for this TPM")
