@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from tpm2_pytss import ESAPI, ESYS_TR, TPM2_ALG, TPM2_HC, TPMA_NV, TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
 
+import tpmsigner
+from tpmsigner.tpm import Tpm
 from tests.support import LOCALHOST, OpenSshAgent, Sshd, Swtpm, check_unix_socket_path, free_port, generate_key_pair
 from tests.support.processes import pid_is_running
 
@@ -81,6 +83,29 @@ def test_swtpm_restart_keeps_state(swtpm: Swtpm) -> None:
     # The ports were free again, so the restart reused them.
     assert swtpm.tcti == first_tcti
     assert _read_nv(swtpm.tcti) == NV_DATA
+
+
+def _lockout_counter(tcti: str) -> int:
+    with Tpm(tcti) as tpm:
+        return tpm.lockout_status().failed_tries
+
+
+def test_swtpm_stop_is_orderly(swtpm: Swtpm, tmp_path: Path) -> None:
+    # A signature authorizes a key with dictionary-attack protection, after
+    # which a stop without TPM2_Shutdown would count as a failed try.
+    store = tpmsigner.KeyStore(tmp_path / "home")
+    with Tpm(swtpm.tcti) as tpm:
+        identity = tpmsigner.create_identity(tpm, store, "work", b"1357-orderly")
+    before = _lockout_counter(swtpm.tcti)
+
+    # Three stops would reach the test TPM's limit of three failed tries.
+    for _ in range(3):
+        with Tpm(swtpm.tcti) as tpm:
+            tpmsigner.sign_data(tpm, store, identity, b"payload", b"1357-orderly")
+        swtpm.stop()
+        swtpm.start()
+
+    assert _lockout_counter(swtpm.tcti) == before
 
 
 def test_swtpm_kill_then_restart_keeps_state(swtpm: Swtpm) -> None:
