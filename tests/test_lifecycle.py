@@ -15,7 +15,8 @@ from tpm2_pytss.TCTILdr import TCTILdr
 from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
 
 import tpmsigner
-from tpmsigner.errors import TpmAuthError
+from tpmsigner import cli as tpmsigner_cli
+from tpmsigner.errors import StateWriteError, TpmAuthError
 from tpmsigner.keyfile import encode_key_file, read_key_file
 from tpmsigner.templates import SRK_PERSISTENT_HANDLE, srk_ecc_p256_template
 from tpmsigner.tpm import Tpm
@@ -354,3 +355,28 @@ def test_listing_sees_edits_by_hand(chain: Chain) -> None:
     assert store.list()[0].enabled is False
     chain.tpmsigner("enable", "work")
     assert store.list()[0].enabled is True
+
+
+def test_rotate_failure_keeps_old_key(swtpm, tmp_path, monkeypatch, capsys) -> None:
+    # A full disk can fail the new key's write after the old key moved to
+    # its archive label.  A real disk gets there only in a race with
+    # another writer, so the store's add is made to fail here.
+    home = tmp_path / "home"
+    pin_file = tmp_path / "pin"
+    pin_file.write_text(PIN + "\n")
+    common = ["--home", str(home), "--tcti", swtpm.tcti]
+    assert tpmsigner_cli.main([*common, "keygen", "work", "--pin-file", str(pin_file)]) == 0
+    before = files_of(home / "keys")
+
+    def full_disk(self, label, blob, description=None):
+        raise StateWriteError(f"cannot write {home}/keys/{label}.tss: No space left on device")
+
+    monkeypatch.setattr(tpmsigner.KeyStore, "add", full_disk)
+    capsys.readouterr()
+    status = tpmsigner_cli.main([*common, "rotate", "work", "--pin-file", str(pin_file)])
+
+    stderr = capsys.readouterr().err
+    assert status == 1
+    assert "rotating 'work' failed: cannot write" in stderr
+    assert "the old key is unchanged under 'work'" in stderr
+    assert files_of(home / "keys") == before

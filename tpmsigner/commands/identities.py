@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 
-from ..errors import ConfigError, IdentityExistsError, KeyFileError
+from ..errors import ConfigError, IdentityExistsError, KeyFileError, TpmSignerError
 from ..identities import create_identity
 from ..keyfile import read_key_file
 from ..keytypes import key_type_by_name
@@ -122,7 +122,20 @@ def command_rotate(args: argparse.Namespace) -> int:
         print(f"creating a new {key_type.description} key for {old.label!r} ...", file=sys.stderr)
         new_blob = tpm.create_key(pin, key_type)
     store.rename(old.label, archive_label, enabled=False)
-    identity = store.add(old.label, new_blob)
+    try:
+        identity = store.add(old.label, new_blob)
+    except (OSError, TpmSignerError) as exc:
+        # The new key was never shown to anyone, so losing it costs nothing;
+        # the old one goes back under its label, as it was before.
+        try:
+            store.rename(archive_label, old.label, enabled=old.enabled)
+        except (OSError, TpmSignerError) as restore_exc:
+            raise ConfigError(
+                f"rotating {old.label!r} failed: {exc}; moving the old key back failed too: {restore_exc}. "
+                f"The old key is kept, disabled, as {archive_label!r}: enable it with "
+                f"'tpmsigner enable {archive_label}' to go on using it"
+            ) from None
+        raise ConfigError(f"rotating {old.label!r} failed: {exc}; the old key is unchanged under {old.label!r}") from None
     print(f"the old key is kept, disabled, as {archive_label!r}; delete it when no server needs it", file=sys.stderr)
     print(identity.openssh_line())
     return 0
