@@ -10,6 +10,8 @@ import subprocess
 import asyncssh
 import pytest
 
+from tpmsigner.audit import AuditLog
+
 from tests.support.chain import Chain
 
 PIN = "4711-audit-log"
@@ -166,3 +168,68 @@ def test_rotation_keeps_the_chain(tmp_path) -> None:
     assert not broken.ok
     assert broken.file == log.files()[-1]
     assert broken.first_bad_line == 1
+
+
+def sign_through(socket_path) -> None:
+    """Sign with the first key an agent lists, through asyncssh's agent client."""
+
+    async def sign() -> None:
+        async with asyncssh.connect_agent(str(socket_path)) as agent:
+            keys = await agent.get_keys()
+            await keys[0].sign_async(b"data")
+
+    asyncio.run(asyncio.wait_for(sign(), 60))
+
+
+@pytest.mark.parametrize("side", ["signer", "agent"])
+def test_torn_last_line_is_cut_before_next_record(chain: Chain, side: str) -> None:
+    start(chain)
+    sign_through(chain.agent_socket)
+    path = chain.signer_audit_log if side == "signer" else chain.agent_audit_log
+    intact = path.read_bytes()
+    # A crash of the host while a line was being written leaves the first
+    # part of the line, with no line end, or a tail of zero bytes.
+    chain.stop()
+    path.write_bytes(intact + b'{"outcome":"appr' + b"\0" * 37)
+    chain.start_signer()
+    chain.start_agent()
+
+    sign_through(chain.agent_socket)
+
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert lines[0] == intact
+    assert len(lines) == 2
+    assert json.loads(lines[1])["outcome"] == "approved"
+    assert AuditLog(path).verify().ok
+    daemon = chain.signer if side == "signer" else chain.agent
+    assert daemon is not None
+    assert f"the audit log {path} ended in an incomplete line of 53 bytes" in daemon.log_text()
+
+
+def test_two_agents_share_one_audit_chain(chain: Chain) -> None:
+    start(chain)
+    second_socket = chain.socket_dir / "second-agent.sock"
+    first_agent = chain.agent
+    second_agent = chain.start_agent("--socket", str(second_socket))
+    chain.agent = first_agent
+    try:
+        for socket_path in (chain.agent_socket, second_socket, chain.agent_socket, second_socket):
+            sign_through(socket_path)
+    finally:
+        second_agent.stop()
+
+    assert len(records(chain.agent_audit_log)) == 4
+    result = AuditLog(chain.agent_audit_log).verify()
+    assert result.ok, result.reason
+
+
+def test_rotation_by_another_writer_keeps_the_chain(tmp_path) -> None:
+    first = AuditLog(tmp_path / "audit.jsonl", max_bytes=400, keep=3)
+    second = AuditLog(tmp_path / "audit.jsonl", max_bytes=400, keep=3)
+    for number in range(12):
+        (first if number % 3 else second).append({"request_id": number, "outcome": "approved"})
+
+    assert len(first.files()) == 4
+    result = first.verify()
+    assert result.ok, result.reason
+    assert [record["request_id"] for record in first.records()][-1] == 11

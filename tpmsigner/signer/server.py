@@ -149,7 +149,13 @@ class SignerServer:
         try:
             self.audit_log.append(record)
         except (OSError, TpmSignerError) as exc:
-            logger.error("the audit record of request #%s was not written: %s", record.get("request_id"), exc)
+            # The outcome is named here, so that this log keeps it when the audit log cannot.
+            logger.error(
+                "the audit record of request #%s (outcome %s) was not written: %s",
+                record.get("request_id"),
+                record.get("outcome"),
+                exc,
+            )
 
     def notify(self, approval: ApprovalRequest, reply: Message) -> None:
         """Start a desktop notification of a request's outcome, if notifications are on."""
