@@ -233,3 +233,35 @@ def test_rotation_by_another_writer_keeps_the_chain(tmp_path) -> None:
     result = first.verify()
     assert result.ok, result.reason
     assert [record["request_id"] for record in first.records()][-1] == 11
+
+
+def sshsig_data(namespace: str) -> bytes:
+    """Return PROTOCOL.sshsig's signed data for ``namespace`` and a SHA-512 hash."""
+
+    def string(value: bytes) -> bytes:
+        return len(value).to_bytes(4, "big") + value
+
+    return b"SSHSIG" + string(namespace.encode()) + string(b"") + string(b"sha512") + string(bytes(64))
+
+
+def test_audit_and_status_escape_peer_text(chain: Chain) -> None:
+    start(chain)
+    namespace = "file\x1b[2J\x1b]0;forged\x07\u202e"
+
+    async def sign() -> None:
+        async with asyncssh.connect_agent(str(chain.agent_socket)) as agent:
+            keys = await agent.get_keys()
+            await keys[0].sign_async(sshsig_data(namespace))
+
+    asyncio.run(asyncio.wait_for(sign(), 60))
+    assert records(chain.agent_audit_log)[-1]["purpose"] == f"sshsig:{namespace}"
+
+    shown = chain.tpmsigner_agent("audit").stdout
+    status = chain.tpmsigner("status").stdout
+
+    escaped = "sshsig:file\\x1b[2J\\x1b]0;forged\\x07\\u202e"
+    for output in (shown, status):
+        assert escaped in output
+        assert "\x1b" not in output
+        assert "\x07" not in output
+        assert "\u202e" not in output

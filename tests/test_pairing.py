@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from tpmsigner.errors import ChannelError
-from tpmsigner.pairing import pairing_code
+from tpmsigner.pairing import Confirm, Hello, pairing_code, receive, send
 from tpmsigner.protocol import channel
 from tests.support import wait_until
 from tests.support.chain import AGENT_COMMAND, SIGNER_COMMAND, Chain
@@ -388,3 +388,55 @@ def test_revoke_closes_idle_connection(chain: Chain) -> None:
     after = chain.ssh_add("-L")
     assert public_line.split()[1] not in after.stdout
     wait_until(lambda: "rejected" in signer.log_text(), 5, "the signer to reject the revoked key")
+
+
+# A refusal whose reason would clear the screen, set the window title and
+# print a line that looks like a successful pairing.
+HOSTILE_REASON = "\x1b[2J\x1b]0;forged\x07\rPaired device 'laptop'.\x9b1A"
+ESCAPED_REASON = "\\x1b[2J\\x1b]0;forged\\x07\\x0dPaired device 'laptop'.\\x9b1A"
+
+
+def test_pair_escapes_refusal_from_unpaired_peer(chain: Chain, pairing: Pairing) -> None:
+    signer = pairing.start_signer()
+
+    async def refuse_with_escapes() -> None:
+        reader, writer = await asyncio.open_connection(LOCALHOST, pairing.port)
+        secure = await channel.initiate_pairing(reader, writer, channel.StaticKey.generate())
+        await send(secure, Confirm(False, HOSTILE_REASON))
+        await secure.close()
+
+    asyncio.run(asyncio.wait_for(refuse_with_escapes(), 20))
+
+    assert signer.wait() == 1, signer.output
+    assert f"the other device ended the pairing: {ESCAPED_REASON}" in signer.output
+    assert "\x1b" not in signer.output
+    assert "\x07" not in signer.output
+    assert "\x9b" not in signer.output
+    assert _devices(chain) == []
+
+
+def test_agent_pair_escapes_refusal_from_window(chain: Chain, pairing: Pairing) -> None:
+    async def hostile_window() -> None:
+        async def pair(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            secure = await channel.respond_pairing(reader, writer, channel.StaticKey.generate())
+            await receive(secure)
+            await send(secure, Hello("signer"))
+            await send(secure, Confirm(False, HOSTILE_REASON))
+            await secure.close()
+            paired.set()
+
+        paired = asyncio.Event()
+        server = await asyncio.start_server(pair, LOCALHOST, pairing.port)
+        async with server:
+            await asyncio.to_thread(pairing.start_agent)
+            await asyncio.wait_for(paired.wait(), 20)
+
+    asyncio.run(hostile_window())
+    agent = pairing.started[-1]
+
+    assert agent.wait() == 1, agent.output
+    assert f"the other device rejected the pairing ({ESCAPED_REASON})" in agent.output
+    assert "\x1b" not in agent.output
+    assert "\x07" not in agent.output
+    assert "\x9b" not in agent.output
+    assert _signers_file(chain) == {}

@@ -42,6 +42,7 @@ from .errors import ConfigError, StateWriteError
 from .fsutil import ensure_private_dir
 from .syncer import BackgroundSync, sync_file
 from .jsonutil import parse_json
+from .printable import escape_nonprintable
 from .protocol.messages import FailureCode
 
 logger = logging.getLogger(__name__)
@@ -361,10 +362,13 @@ def print_audit(records: list[dict[str, object]], since: str | None = None, as_j
         outcome = str(record.get("outcome", "?"))
         if record.get("upstream"):
             where += f" (upstream agent {record['upstream']})"
+        # A command line, a user name or an SSHSIG namespace came from a peer.
         print(
-            f"{record.get('time')}  {outcome:<11}  {record.get('purpose', '?')}{where}  "
-            f"key {record.get('key_fingerprint', '?')}  by {who}"
-            + (f"  -- {record['reason']}" if record.get("reason") else "")
+            escape_nonprintable(
+                f"{record.get('time')}  {outcome:<11}  {record.get('purpose', '?')}{where}  "
+                f"key {record.get('key_fingerprint', '?')}  by {who}"
+                + (f"  -- {record['reason']}" if record.get("reason") else "")
+            )
         )
 
 

@@ -25,6 +25,7 @@ from typing import Awaitable, Callable, Protocol
 
 from ..errors import ConfigError
 from ..logsetup import terminal_logs_held
+from ..printable import escape_nonprintable
 from ..protocol.messages import ProcessInfo
 from .children import bound_to_serve
 
@@ -74,9 +75,9 @@ class ApprovalRequest:
         """Return a readable block describing the request, for a terminal."""
         lines = [
             f"Signature request #{self.request_id}",
-            f"  device:      {self.device}",
+            f"  device:      {_printable(self.device)}",
             f"  process:     {_printable(self.process.describe())}",
-            f"  key:         {self.key_label} ({self.key_fingerprint})",
+            f"  key:         {_printable(self.key_label)} ({self.key_fingerprint})",
         ]
         if self.certificate_key_id is not None:
             lines.append(f'  certificate: key id "{_printable(self.certificate_key_id)}" ({self.certificate_status})')
@@ -93,7 +94,7 @@ class ApprovalRequest:
 
 def _printable(text: str) -> str:
     """Escape control characters, so a peer cannot repaint the prompt."""
-    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
+    return escape_nonprintable(text)
 
 
 class Approver(Protocol):
