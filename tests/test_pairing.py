@@ -13,13 +13,14 @@ import json
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
 from tpmsigner.errors import ChannelError
-from tpmsigner.pairing import Confirm, Hello, pairing_code, receive, send
+from tpmsigner.pairing import Confirm, Hello, default_name, pairing_code, receive, send
 from tpmsigner.protocol import channel
+from tpmsigner.signer import admission
 from tests.support import wait_until
 from tests.support.chain import AGENT_COMMAND, SIGNER_COMMAND, Chain
 from tests.support.ports import LOCALHOST, free_port
@@ -36,8 +37,9 @@ class Pairing:
         self.port = free_port()
         self.started: list[TerminalProcess] = []
 
-    def start_signer(self, *extra: str, timeout: float = 30.0) -> TerminalProcess:
+    def start_signer(self, *extra: str, timeout: float = 30.0, prefix: Sequence[str] = ()) -> TerminalProcess:
         argv = [
+            *prefix,
             *SIGNER_COMMAND, "--home", str(self.chain.signer_home), "pair",
             "--listen", f"{LOCALHOST}:{self.port}", "--no-mdns", "--timeout", str(timeout), *extra,
         ]
@@ -440,3 +442,35 @@ def test_agent_pair_escapes_refusal_from_window(chain: Chain, pairing: Pairing) 
     assert "\x07" not in agent.output
     assert "\x9b" not in agent.output
     assert _signers_file(chain) == {}
+
+
+# Open files of the pairing window in the flood test: the common default
+# soft limit of 1,024 scaled down, so that the test fills it with 148 connections.
+FLOOD_FILE_LIMIT = 128
+
+
+def test_pair_window_survives_silent_connection_flood(chain: Chain, pairing: Pairing) -> None:
+    signer = pairing.start_signer(prefix=["prlimit", f"--nofile={FLOOD_FILE_LIMIT}", "--"])
+
+    async def flood_then_pair() -> None:
+        silent = []
+        try:
+            for _ in range(FLOOD_FILE_LIMIT + 20):
+                silent.append(await asyncio.open_connection(LOCALHOST, pairing.port, local_addr=("127.0.0.2", 0)))
+            agent = await asyncio.to_thread(pairing.start_agent)
+            await asyncio.to_thread(agent.expect, r"Do the codes match\? \[y/N\]")
+        finally:
+            for _, writer in silent:
+                writer.close()
+
+    asyncio.run(asyncio.wait_for(flood_then_pair(), 60))
+    agent = pairing.started[-1]
+    signer.expect(r"Do the codes match\? \[y/N\]")
+    signer.send_line("y")
+    agent.send_line("y")
+
+    assert signer.wait() == 0, signer.output
+    assert agent.wait() == 0, agent.output
+    limit = admission.MAX_HANDSHAKES_PER_ADDRESS
+    assert f"closed before the handshake: {limit} handshakes from 127.0.0.2 are already in progress" in signer.output
+    assert [device["name"] for device in _devices(chain)] == [default_name()]
