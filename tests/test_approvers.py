@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import time
 
+import pytest
 from tpm2_pytss import ESAPI
 from tpm2_pytss.constants import TPM2_CAP, TPM2_PT
 from tpm2_pytss.TCTILdr import TCTILdr
@@ -242,3 +244,36 @@ def test_approver_huge_output_uses_first_line(chain: Chain) -> None:
     _, stderr = signing.communicate(timeout=60)
 
     assert signing.returncode == 0, stderr
+
+
+@pytest.mark.parametrize("own_session", [False, True], ids=["same-group", "own-session"])
+def test_approver_helper_holding_stdout_does_not_block(chain: Chain, own_session: bool) -> None:
+    public_line = chain.keygen("work", PIN)
+    chain.pair()
+    pid_file = chain.workdir / "helper.pid"
+    # The approver approves and exits, but leaves a helper that inherited
+    # its stdout, as a notifier started in the background might.
+    approver = write_approver(
+        chain,
+        "leaves-helper",
+        "import subprocess\n"
+        f"helper = subprocess.Popen(['sleep', '100'], start_new_session={own_session})\n"
+        f"open({str(pid_file)!r}, 'w').write(str(helper.pid))\n"
+        f"print({PIN!r})\n",
+    )
+    signer = chain.start_signer(approver=f"command:{approver}", approval_timeout=20.0)
+    chain.start_agent()
+    try:
+        signing = sign_with_ssh_keygen(chain, public_line)
+        _, stderr = signing.communicate(timeout=60)
+    finally:
+        helper_pid = int(pid_file.read_text())
+        if own_session and pid_is_running(helper_pid):
+            # Out of the approver's process group, the helper is the approver's to stop.
+            os.kill(helper_pid, signal.SIGKILL)
+
+    assert signing.returncode == 0, stderr
+    assert "no approval within" not in signer.log_text()
+    assert "request #1: signed with 'work'" in signer.log_text()
+    if not own_session:
+        wait_until(lambda: not pid_is_running(helper_pid), 5, "the helper in the approver's group to be killed")
