@@ -74,19 +74,33 @@ class ApprovalRequest:
         }
 
     def summary(self) -> str:
-        """Return a readable block describing the request, for a terminal."""
+        """Return a readable block describing the request, for a terminal.
+
+        Fields are capped as in the desktop prompts, because a compromised
+        agent host can send a field of hundreds of KiB that would scroll the
+        rest of the summary off the terminal.
+        """
+        # Imported here because requesttext imports this module.
+        from .requesttext import (
+            MAX_DESTINATION_CHARS,
+            MAX_NAME_CHARS,
+            MAX_PROCESS_CHARS,
+            MAX_PURPOSE_CHARS,
+            shorten,
+        )
+
         lines = [
             f"Signature request #{self.request_id}",
-            f"  device:      {_printable(self.device)}",
-            f"  process:     {_printable(self.process.describe())}",
-            f"  key:         {_printable(self.key_label)} ({self.key_fingerprint})",
+            f"  device:      {shorten(self.device, MAX_NAME_CHARS)}",
+            f"  process:     {shorten(self.process.describe(), MAX_PROCESS_CHARS, keep_end=True)}",
+            f"  key:         {shorten(self.key_label, MAX_NAME_CHARS)} ({self.key_fingerprint})",
         ]
         if self.certificate_key_id is not None:
             lines.append(f'  certificate: key id "{_printable(self.certificate_key_id)}" ({self.certificate_status})')
-        lines.append(f"  purpose:     {_printable(self.purpose)}")
+        lines.append(f"  purpose:     {shorten(self.purpose, MAX_PURPOSE_CHARS)}")
         if self.destination:
             state = "verified" if self.destination_verified else "NOT verified"
-            lines.append(f"  destination: {_printable(self.destination)} ({state})")
+            lines.append(f"  destination: {shorten(self.destination, MAX_DESTINATION_CHARS)} ({state})")
         if self.host_key_fingerprint:
             lines.append(f"  host key:    {self.host_key_fingerprint}")
         if self.forwarded:
