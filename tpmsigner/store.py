@@ -435,6 +435,9 @@ class KeyStore:
         return identity
 
 
+_PARENT_HANDLE = re.compile(r"0x[0-9a-f]{8}")
+
+
 class TpmBinding:
     """The TPM names of the storage parents, recorded at first use (``HOME/tpm.json``).
 
@@ -455,8 +458,12 @@ class TpmBinding:
             parents = record["parents"]
             if record.get("version") != 1 or not isinstance(parents, dict):
                 raise ValueError("unsupported format")
-            if not all(isinstance(name, str) for name in parents.values()):
-                raise ValueError("every parent name must be a hex string")
+            for handle, name in parents.items():
+                # Callers parse the handles with int(handle, 16).
+                if not _PARENT_HANDLE.fullmatch(handle):
+                    raise ValueError(f"invalid parent handle {handle!r}, expected 0x and 8 hex digits")
+                if not isinstance(name, str):
+                    raise ValueError("every parent name must be a hex string")
             return dict(parents)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise KeyStoreError(f"cannot read the TPM binding file {self.path}: {exc}") from None

@@ -130,6 +130,7 @@ class SignerServer:
         self._admission = HandshakeAdmission(config.handshake_attempts)
         self._admission_log = RateLimitedLogger(logger)
         self._device_limit_log = RateLimitedLogger(logger)
+        self._devices_file_log = RateLimitedLogger(logger)
         self.listing_limit_log = RateLimitedLogger(logger, limit=1)
         self.waiting_approvals = 0
         self._sessions: set[_AgentSession] = set()
@@ -267,6 +268,10 @@ class SignerServer:
             return
         except ChannelError as exc:
             self._handshake_log.warning("connection from %s failed during the handshake: %s", address, exc)
+            return
+        except ConfigError as exc:
+            # is_trusted could not read devices.json, so no device is trusted until it is fixed.
+            self._devices_file_log.error("%s; closing the connection from %s", exc, address)
             return
         finally:
             self._admission.finish(host)
