@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import subprocess
+import sys
 
 import asyncssh
 import pytest
@@ -265,3 +266,33 @@ def test_audit_and_status_escape_peer_text(chain: Chain) -> None:
         assert "\x1b" not in output
         assert "\x07" not in output
         assert "\u202e" not in output
+
+
+PARALLEL_WRITER = """
+import sys
+from pathlib import Path
+from tpmsigner.audit import AuditLog
+
+log = AuditLog(Path(sys.argv[1]), max_bytes=20_000, keep=50)
+for number in range(150):
+    log.append({"request_id": number, "writer": sys.argv[2], "outcome": "approved"})
+log.flush()
+"""
+
+
+def test_parallel_writer_processes_keep_one_chain(tmp_path) -> None:
+    path = tmp_path / "audit.jsonl"
+    writers = [
+        subprocess.Popen([sys.executable, "-c", PARALLEL_WRITER, str(path), name], stdin=subprocess.DEVNULL)
+        for name in ("first", "second", "third")
+    ]
+    for writer in writers:
+        assert writer.wait(timeout=120) == 0
+
+    log = AuditLog(path, max_bytes=20_000, keep=50)
+    assert len(log.files()) > 1
+    result = log.verify()
+    assert result.ok, result.reason
+    assert result.lines == 450
+    written = [(record["writer"], record["request_id"]) for record in log.records()]
+    assert sorted(written) == sorted((name, number) for name in ("first", "second", "third") for number in range(150))

@@ -110,13 +110,14 @@ class AuditLog:
         self.path = Path(path)
         self.max_bytes = max_bytes
         self.keep = keep
+        # The lock file that serialises appends from all processes, with flock(2).
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
         self._lock = threading.Lock()
         self._syncer = BackgroundSync(f"fsync {self.path.name}") if sync_in_background else None
-
-    @property
-    def lock_path(self) -> Path:
-        """The lock file that serialises appends from all processes, with flock(2)."""
-        return self.path.with_name(self.path.name + ".lock")
+        # The current file as this object left it after its last append, and
+        # the hash of the line it wrote.  While the file is unchanged, the
+        # next append needs no read.
+        self._written: tuple[tuple[int, int, int, int], str] | None = None
 
     def flush(self) -> None:
         """Wait until every appended record is on the disk."""
@@ -151,19 +152,27 @@ class AuditLog:
         """
         ensure_private_dir(self.path.parent)
         with self._lock, self._exclusive_lock():
-            self._cut_incomplete_line()
-            entry = {"time": utc_timestamp(), **record, "prev": self._hash_of_last_line()}
-            line = json.dumps(entry, sort_keys=True, separators=(",", ":")).encode("utf-8")
-            if self.path.exists() and self.path.stat().st_size + len(line) > self.max_bytes:
-                self._rotate()
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = self._open_current()
             try:
+                size = self._cut_incomplete_line(fd)
+                entry = {"time": utc_timestamp(), **record, "prev": self._hash_of_last_line(fd)}
+                line = json.dumps(entry, sort_keys=True, separators=(",", ":")).encode("utf-8")
+                if size and size + len(line) > self.max_bytes:
+                    os.close(fd)
+                    fd = -1
+                    self._rotate()
+                    fd = self._open_current()
                 self._append_line(fd, line + b"\n", sync=self._syncer is None)
+                self._written = (_file_state(fd), line_hash(line))
             finally:
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
             if self._syncer is not None:
                 self._syncer.request(self.path)
             return entry
+
+    def _open_current(self) -> int:
+        return os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     @contextlib.contextmanager
     def _exclusive_lock(self) -> Iterator[None]:
@@ -191,35 +200,29 @@ class AuditLog:
         finally:
             os.close(fd)
 
-    def _cut_incomplete_line(self) -> None:
-        """Remove the end of the current file after its last line end, with a warning.
+    def _cut_incomplete_line(self, fd: int) -> int:
+        """Remove the end of the open current file after its last line end, with a warning; return its size.
 
         A crash in the middle of a write leaves such a tail.  A write that
         fails with an error does not, because ``_append_line`` undoes it.
         """
+        size = os.fstat(fd).st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return size
+        keep = _end_of_last_line(fd, size)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return
-        try:
-            size = os.fstat(fd).st_size
-            if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
-                return
-            keep = _end_of_last_line(fd, size)
-            try:
-                os.ftruncate(fd, keep)
-            except OSError as exc:
-                raise StateWriteError(
-                    f"cannot remove the incomplete last line of the audit log {self.path}: {exc.strerror or exc}"
-                ) from exc
-        finally:
-            os.close(fd)
+            os.ftruncate(fd, keep)
+        except OSError as exc:
+            raise StateWriteError(
+                f"cannot remove the incomplete last line of the audit log {self.path}: {exc.strerror or exc}"
+            ) from exc
         logger.warning(
             "the audit log %s ended in an incomplete line of %d bytes, left by a crash during a write. "
             "Removed it, so that the next record starts on a line of its own",
             self.path,
             size - keep,
         )
+        return keep
 
     def _append_line(self, fd: int, line: bytes, sync: bool) -> None:
         """Write ``line`` at the end of the open log (and fsync it if ``sync``), or leave the log as it was.
@@ -241,9 +244,17 @@ class AuditLog:
                 f"cannot append to the audit log {self.path}: {exc.strerror or exc}; the log is unchanged"
             ) from exc
 
-    def _hash_of_last_line(self) -> str:
-        """Return the hash of the newest line in any of the files, or GENESIS if there is none."""
-        for path in reversed(self.files()):
+    def _hash_of_last_line(self, fd: int) -> str:
+        """Return the hash of the newest line, in the open current file or else in the rotated ones.
+
+        Returns GENESIS when there is no line at all.
+        """
+        if self._written is not None and self._written[0] == _file_state(fd):
+            return self._written[1]
+        last = _last_line(fd)
+        if last:
+            return line_hash(last)
+        for path in reversed(self.files()[:-1] if self.path.exists() else self.files()):
             with open(path, "rb") as log_file:
                 last = _last_line(log_file.fileno())
             if last:
@@ -300,6 +311,12 @@ class AuditLog:
                         return VerifyResult(count, number, f"{where}: the first line of the log was removed", path)
                     expected = line_hash(line)
         return VerifyResult(lines=count)
+
+
+def _file_state(fd: int) -> tuple[int, int, int, int]:
+    """Return what changes when anyone writes, truncates or replaces the file: device, inode, size, mtime."""
+    info = os.fstat(fd)
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 def _end_of_last_line(fd: int, size: int) -> int:
