@@ -123,3 +123,20 @@ def test_allow_on_devices_directory_fails_clearly(chain: Chain) -> None:
     assert result.returncode == 1
     assert f"cannot read the trusted devices file {chain.signer_home / 'devices.json'}: Is a directory" in result.stderr
     assert "[Errno" not in result.stderr
+
+
+@pytest.mark.parametrize("content", ["", "{", '{"version": 1}', "[]"])
+def test_bad_identity_metadata_names_file_and_fix(chain: Chain, content: str) -> None:
+    chain.keygen("work", PIN)
+    metadata = chain.signer_home / "keys" / "work.json"
+    metadata.write_text(content)
+
+    result = chain.tpmsigner("list", check=False)
+
+    assert result.returncode == 1
+    assert str(metadata) in result.stderr
+    assert (
+        f"restore the file from a backup, or move it and its .tss key file out of {metadata.parent} "
+        "to use the other identities"
+    ) in result.stderr
+    assert "Traceback" not in result.stderr

@@ -425,13 +425,22 @@ class KeyStore:
         write_private_file(metadata_path, text.encode("utf-8"))
 
     def _read_metadata(self, path: Path) -> Identity:
+        # Every listing stops at a damaged file rather than hide an identity,
+        # so each error names the way to get the others back.
+        hint = (
+            f"; restore the file from a backup, or move it and its {KEY_FILE_SUFFIX} key file out of "
+            f"{self.keys_dir} to use the other identities"
+        )
         try:
             record = parse_json(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise KeyStoreError(f"cannot read identity metadata {path}: {exc}") from None
-        identity = Identity.from_json(record, source=str(path))
+            raise KeyStoreError(f"cannot read identity metadata {path}: {exc}{hint}") from None
+        try:
+            identity = Identity.from_json(record, source=str(path))
+        except KeyFileError as exc:
+            raise KeyFileError(f"{exc}{hint}") from None
         if path.name != identity.label + METADATA_SUFFIX:
-            raise KeyFileError(f"{path}: label {identity.label!r} does not match the file name")
+            raise KeyFileError(f"{path}: label {identity.label!r} does not match the file name{hint}")
         return identity
 
 
