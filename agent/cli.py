@@ -13,6 +13,7 @@ from tpmsigner import __version__
 from tpmsigner.cliutil import add_verbosity_options, run_handler
 from tpmsigner.config_file import parse_args_with_config
 from tpmsigner.errors import ConfigError
+from tpmsigner.printable import escape_nonprintable
 from tpmsigner.protocol.channel import format_public_key, public_key_fingerprint
 
 from tpmsigner.audit import AuditLog, print_audit
@@ -95,7 +96,8 @@ def command_discover(args: argparse.Namespace) -> int:
     for row in rows:
         where = " ".join(format_host_port(address, row["port"]) for address in row["addresses"]) or "no address"
         paired = f"paired as {row['pinned_as']!r}" if row["paired"] else "not paired"
-        print(f"{row['name']}  {where}  {row['fingerprint'] or 'no fingerprint'}  {paired}")
+        # Anyone on the link can advertise a service, with any name and TXT record.
+        print(escape_nonprintable(f"{row['name']}  {where}  {row['fingerprint'] or 'no fingerprint'}  {paired}"))
     return 0
 
 

@@ -106,20 +106,31 @@ class AgentHome:
         return StaticKey.load_or_create(self.path / NOISE_KEY_FILE)
 
     def signers(self) -> list[PinnedSigner]:
+        """Return the pinned signers; raise ConfigError, naming the file and the fix, if it is invalid."""
         path = self.path / SIGNERS_FILE
         if not path.exists():
             return []
+
+        def invalid(reason: str) -> ConfigError:
+            return ConfigError(
+                f"cannot read the trusted signers file {path}: {reason}; correct the file, or move it away "
+                "and pair the signers again with 'tpmsigner-agent pair' or 'tpmsigner-agent trust'"
+            )
+
         try:
-            record = parse_json(path.read_text(encoding="utf-8"))
-            if record.get("version") != SIGNERS_VERSION:
-                raise ValueError(f"unsupported version {record.get('version')!r}")
-            signers = []
-            for name, entry in sorted(record["signers"].items()):
-                host, port = parse_signer_address(entry["address"])
-                signers.append(PinnedSigner(name, host, port, parse_public_key(entry["key"])))
-        except (OSError, ValueError, KeyError, AttributeError, TypeError, ConfigError) as exc:
-            raise ConfigError(f"cannot read the trusted signers file {path}: {exc}") from None
-        return signers
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise invalid(exc.strerror or str(exc)) from None
+        except UnicodeDecodeError:
+            raise invalid("the file is not UTF-8 text") from None
+        try:
+            record = parse_json(text)
+        except ValueError as exc:
+            raise invalid(f"not valid JSON ({exc})") from None
+        try:
+            return _parse_signers(record)
+        except (ValueError, ConfigError) as exc:
+            raise invalid(str(exc)) from None
 
     def check_trust(self, name: str, public_key: bytes, replace: bool = False) -> None:
         """Raise ConfigError if pinning ``public_key`` as ``name`` would be rejected."""
@@ -148,6 +159,27 @@ class AgentHome:
         text = json.dumps({"version": SIGNERS_VERSION, "signers": entries}, indent=2, sort_keys=True) + "\n"
         write_private_file(self.path / SIGNERS_FILE, text.encode("utf-8"))
         return signer
+
+
+def _parse_signers(record: object) -> list[PinnedSigner]:
+    """Return the signers of a parsed signers.json; raise ValueError or ConfigError saying what is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError("the file must contain a JSON object")
+    if record.get("version") != SIGNERS_VERSION:
+        raise ValueError(f"unsupported version {record.get('version')!r}, expected {SIGNERS_VERSION}")
+    entries = record.get("signers")
+    if not isinstance(entries, dict):
+        raise ValueError("'signers' must be a JSON object of signer names")
+    signers = []
+    for name, entry in sorted(entries.items()):
+        if not isinstance(entry, dict):
+            raise ValueError(f"signer {name!r}: expected an object with an 'address' and a 'key'")
+        for field in ("address", "key"):
+            if not isinstance(entry.get(field), str):
+                raise ValueError(f"signer {name!r}: {field!r} must be a string")
+        host, port = parse_signer_address(entry["address"])
+        signers.append(PinnedSigner(name, host, port, parse_public_key(entry["key"])))
+    return signers
 
 
 def _check_name(name: str) -> None:

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import time
 
+import pytest
 from tpm2_pytss import ESAPI
 from tpm2_pytss.constants import TPM2_CAP, TPM2_PT
 from tpm2_pytss.TCTILdr import TCTILdr
 
 from tests.support import pid_is_running, wait_until
 from tests.support.chain import Chain
+from tpmsigner.protocol.messages import Failure, FailureCode, ProcessInfo, SignRequest
 
 PIN = "4711-approvers"
 
@@ -242,3 +247,80 @@ def test_approver_huge_output_uses_first_line(chain: Chain) -> None:
     _, stderr = signing.communicate(timeout=60)
 
     assert signing.returncode == 0, stderr
+
+
+@pytest.mark.parametrize("own_session", [False, True], ids=["same-group", "own-session"])
+def test_approver_helper_holding_stdout_does_not_block(chain: Chain, own_session: bool) -> None:
+    public_line = chain.keygen("work", PIN)
+    chain.pair()
+    pid_file = chain.workdir / "helper.pid"
+    # The approver approves and exits, but leaves a helper that inherited
+    # its stdout, as a notifier started in the background might.
+    approver = write_approver(
+        chain,
+        "leaves-helper",
+        "import subprocess\n"
+        f"helper = subprocess.Popen(['sleep', '100'], start_new_session={own_session})\n"
+        f"open({str(pid_file)!r}, 'w').write(str(helper.pid))\n"
+        f"print({PIN!r})\n",
+    )
+    signer = chain.start_signer(approver=f"command:{approver}", approval_timeout=20.0)
+    chain.start_agent()
+    try:
+        signing = sign_with_ssh_keygen(chain, public_line)
+        _, stderr = signing.communicate(timeout=60)
+    finally:
+        helper_pid = int(pid_file.read_text())
+        if own_session and pid_is_running(helper_pid):
+            # Out of the approver's process group, the helper is the approver's to stop.
+            os.kill(helper_pid, signal.SIGKILL)
+
+    assert signing.returncode == 0, stderr
+    assert "no approval within" not in signer.log_text()
+    assert "request #1: signed with 'work'" in signer.log_text()
+    if not own_session:
+        wait_until(lambda: not pid_is_running(helper_pid), 5, "the helper in the approver's group to be killed")
+
+
+def test_tty_prompt_caps_long_fields_from_agent(chain: Chain) -> None:
+    from tests.test_audit import sshsig_data
+    from tests.test_limits import agent_device_key, exchange, open_device_channel
+
+    public_line = chain.keygen("work", PIN)
+    chain.pair()
+    key_blob = base64.b64decode(public_line.split()[1])
+    # A compromised agent host is not held to the agent's own 1,024-character
+    # limit on command lines, and chooses the namespace freely.
+    request = SignRequest(
+        7,
+        key_blob,
+        sshsig_data("file" + "n" * 50_000),
+        process=ProcessInfo(pid=42, uid=1000, executable="/usr/bin/ssh", command_line="ssh " + "x" * 100_000),
+    )
+    master, slave = pty.openpty()
+    try:
+        chain.start_signer(approver="tty", controlling_tty=slave)
+
+        async def refuse_on_terminal() -> tuple[bytes, object]:
+            secure = await open_device_channel(chain, agent_device_key(chain))
+            try:
+                reply = asyncio.create_task(exchange(secure, request))
+                shown = await asyncio.to_thread(read_terminal_until, master, b"PIN for work", 20)
+                os.write(master, b"\n")
+                return shown, await reply
+            finally:
+                await secure.close()
+
+        shown, reply = asyncio.run(refuse_on_terminal())
+    finally:
+        os.close(master)
+        os.close(slave)
+
+    assert isinstance(reply, Failure)
+    assert reply.code == FailureCode.DENIED
+    text = shown.decode(errors="replace")
+    assert "device:      test-laptop" in text
+    assert "key:         work" in text
+    assert "purpose:     sshsig:filennn" in text
+    assert "process:     ssh (pid 42, uid 1000): ssh xxx" in text
+    assert len(text) < 2000

@@ -6,9 +6,12 @@ import asyncio
 import json
 import os
 import subprocess
+import sys
 
 import asyncssh
 import pytest
+
+from tpmsigner.audit import AuditLog
 
 from tests.support.chain import Chain
 
@@ -166,3 +169,130 @@ def test_rotation_keeps_the_chain(tmp_path) -> None:
     assert not broken.ok
     assert broken.file == log.files()[-1]
     assert broken.first_bad_line == 1
+
+
+def sign_through(socket_path) -> None:
+    """Sign with the first key an agent lists, through asyncssh's agent client."""
+
+    async def sign() -> None:
+        async with asyncssh.connect_agent(str(socket_path)) as agent:
+            keys = await agent.get_keys()
+            await keys[0].sign_async(b"data")
+
+    asyncio.run(asyncio.wait_for(sign(), 60))
+
+
+@pytest.mark.parametrize("side", ["signer", "agent"])
+def test_torn_last_line_is_cut_before_next_record(chain: Chain, side: str) -> None:
+    start(chain)
+    sign_through(chain.agent_socket)
+    path = chain.signer_audit_log if side == "signer" else chain.agent_audit_log
+    intact = path.read_bytes()
+    # A crash of the host while a line was being written leaves the first
+    # part of the line, with no line end, or a tail of zero bytes.
+    chain.stop()
+    path.write_bytes(intact + b'{"outcome":"appr' + b"\0" * 37)
+    chain.start_signer()
+    chain.start_agent()
+
+    sign_through(chain.agent_socket)
+
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert lines[0] == intact
+    assert len(lines) == 2
+    assert json.loads(lines[1])["outcome"] == "approved"
+    assert AuditLog(path).verify().ok
+    daemon = chain.signer if side == "signer" else chain.agent
+    assert daemon is not None
+    assert f"the audit log {path} ended in an incomplete line of 53 bytes" in daemon.log_text()
+
+
+def test_two_agents_share_one_audit_chain(chain: Chain) -> None:
+    start(chain)
+    second_socket = chain.socket_dir / "second-agent.sock"
+    first_agent = chain.agent
+    second_agent = chain.start_agent("--socket", str(second_socket))
+    chain.agent = first_agent
+    try:
+        for socket_path in (chain.agent_socket, second_socket, chain.agent_socket, second_socket):
+            sign_through(socket_path)
+    finally:
+        second_agent.stop()
+
+    assert len(records(chain.agent_audit_log)) == 4
+    result = AuditLog(chain.agent_audit_log).verify()
+    assert result.ok, result.reason
+
+
+def test_rotation_by_another_writer_keeps_the_chain(tmp_path) -> None:
+    first = AuditLog(tmp_path / "audit.jsonl", max_bytes=400, keep=3)
+    second = AuditLog(tmp_path / "audit.jsonl", max_bytes=400, keep=3)
+    for number in range(12):
+        (first if number % 3 else second).append({"request_id": number, "outcome": "approved"})
+
+    assert len(first.files()) == 4
+    result = first.verify()
+    assert result.ok, result.reason
+    assert [record["request_id"] for record in first.records()][-1] == 11
+
+
+def sshsig_data(namespace: str) -> bytes:
+    """Return PROTOCOL.sshsig's signed data for ``namespace`` and a SHA-512 hash."""
+
+    def string(value: bytes) -> bytes:
+        return len(value).to_bytes(4, "big") + value
+
+    return b"SSHSIG" + string(namespace.encode()) + string(b"") + string(b"sha512") + string(bytes(64))
+
+
+def test_audit_and_status_escape_peer_text(chain: Chain) -> None:
+    start(chain)
+    namespace = "file\x1b[2J\x1b]0;forged\x07\u202e"
+
+    async def sign() -> None:
+        async with asyncssh.connect_agent(str(chain.agent_socket)) as agent:
+            keys = await agent.get_keys()
+            await keys[0].sign_async(sshsig_data(namespace))
+
+    asyncio.run(asyncio.wait_for(sign(), 60))
+    assert records(chain.agent_audit_log)[-1]["purpose"] == f"sshsig:{namespace}"
+
+    shown = chain.tpmsigner_agent("audit").stdout
+    status = chain.tpmsigner("status").stdout
+
+    escaped = "sshsig:file\\x1b[2J\\x1b]0;forged\\x07\\u202e"
+    for output in (shown, status):
+        assert escaped in output
+        assert "\x1b" not in output
+        assert "\x07" not in output
+        assert "\u202e" not in output
+
+
+PARALLEL_WRITER = """
+import sys
+from pathlib import Path
+from tpmsigner.audit import AuditLog
+
+log = AuditLog(Path(sys.argv[1]), max_bytes=20_000, keep=50)
+for number in range(150):
+    log.append({"request_id": number, "writer": sys.argv[2], "outcome": "approved"})
+log.flush()
+"""
+
+
+def test_parallel_writer_processes_keep_one_chain(tmp_path) -> None:
+    path = tmp_path / "audit.jsonl"
+    writers = [
+        subprocess.Popen([sys.executable, "-c", PARALLEL_WRITER, str(path), name], stdin=subprocess.DEVNULL)
+        for name in ("first", "second", "third")
+    ]
+    for writer in writers:
+        assert writer.wait(timeout=120) == 0
+
+    log = AuditLog(path, max_bytes=20_000, keep=50)
+    assert len(log.files()) > 1
+    result = log.verify()
+    assert result.ok, result.reason
+    assert result.lines == 450
+    written = [(record["writer"], record["request_id"]) for record in log.records()]
+    assert sorted(written) == sorted((name, number) for name in ("first", "second", "third") for number in range(150))

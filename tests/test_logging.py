@@ -266,3 +266,43 @@ def test_level_for_options() -> None:
     assert level_for(verbose=True, quiet=False) == logging.DEBUG
     assert level_for(verbose=False, quiet=True) == logging.WARNING
     assert level_for(verbose=False, quiet=False) == logging.INFO
+
+
+# ---- text from peers in the log ----------------------------------------------------
+
+# Signs with the first key the agent at argv[1] lists; the other arguments
+# only make the command line that the agent reports for this process.
+SIGNING_CLIENT = """
+import asyncio, sys
+import asyncssh
+
+async def sign():
+    async with asyncssh.connect_agent(sys.argv[1]) as agent:
+        keys = await agent.get_keys()
+        await keys[0].sign_async(b"data")
+
+asyncio.run(asyncio.wait_for(sign(), 60))
+"""
+HOSTILE_ARGUMENT = "\x1b[2J\x1b]0;forged title\x07\x9b31m\u202eevil\x7f"
+CONTROL_CHARACTERS = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202e]")
+
+
+def test_control_characters_from_clients_are_escaped_in_logs(chain: Chain) -> None:
+    chain.keygen("work", PIN)
+    chain.pair()
+    signer = chain.start_signer()
+    agent = chain.start_agent()
+
+    subprocess.run(
+        [sys.executable, "-c", SIGNING_CLIENT, str(chain.agent_socket), HOSTILE_ARGUMENT],
+        env=chain.environment(),
+        check=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+    for daemon in (signer, agent):
+        log = daemon.log_file.read_bytes().decode("utf-8")
+        assert "forged title" in log, daemon.name
+        assert CONTROL_CHARACTERS.search(log) is None, daemon.name
+        assert "\\x1b[2J\\x1b]0;forged title\\x07\\x9b31m\\u202eevil\\x7f" in log, daemon.name

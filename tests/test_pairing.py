@@ -13,13 +13,14 @@ import json
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
 from tpmsigner.errors import ChannelError
-from tpmsigner.pairing import pairing_code
+from tpmsigner.pairing import Confirm, Hello, default_name, pairing_code, receive, send
 from tpmsigner.protocol import channel
+from tpmsigner.signer import admission
 from tests.support import wait_until
 from tests.support.chain import AGENT_COMMAND, SIGNER_COMMAND, Chain
 from tests.support.ports import LOCALHOST, free_port
@@ -36,8 +37,9 @@ class Pairing:
         self.port = free_port()
         self.started: list[TerminalProcess] = []
 
-    def start_signer(self, *extra: str, timeout: float = 30.0) -> TerminalProcess:
+    def start_signer(self, *extra: str, timeout: float = 30.0, prefix: Sequence[str] = ()) -> TerminalProcess:
         argv = [
+            *prefix,
             *SIGNER_COMMAND, "--home", str(self.chain.signer_home), "pair",
             "--listen", f"{LOCALHOST}:{self.port}", "--no-mdns", "--timeout", str(timeout), *extra,
         ]
@@ -388,3 +390,87 @@ def test_revoke_closes_idle_connection(chain: Chain) -> None:
     after = chain.ssh_add("-L")
     assert public_line.split()[1] not in after.stdout
     wait_until(lambda: "rejected" in signer.log_text(), 5, "the signer to reject the revoked key")
+
+
+# A refusal whose reason would clear the screen, set the window title and
+# print a line that looks like a successful pairing.
+HOSTILE_REASON = "\x1b[2J\x1b]0;forged\x07\rPaired device 'laptop'.\x9b1A"
+ESCAPED_REASON = "\\x1b[2J\\x1b]0;forged\\x07\\x0dPaired device 'laptop'.\\x9b1A"
+
+
+def test_pair_escapes_refusal_from_unpaired_peer(chain: Chain, pairing: Pairing) -> None:
+    signer = pairing.start_signer()
+
+    async def refuse_with_escapes() -> None:
+        reader, writer = await asyncio.open_connection(LOCALHOST, pairing.port)
+        secure = await channel.initiate_pairing(reader, writer, channel.StaticKey.generate())
+        await send(secure, Confirm(False, HOSTILE_REASON))
+        await secure.close()
+
+    asyncio.run(asyncio.wait_for(refuse_with_escapes(), 20))
+
+    assert signer.wait() == 1, signer.output
+    assert f"the other device ended the pairing: {ESCAPED_REASON}" in signer.output
+    assert "\x1b" not in signer.output
+    assert "\x07" not in signer.output
+    assert "\x9b" not in signer.output
+    assert _devices(chain) == []
+
+
+def test_agent_pair_escapes_refusal_from_window(chain: Chain, pairing: Pairing) -> None:
+    async def hostile_window() -> None:
+        async def pair(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            secure = await channel.respond_pairing(reader, writer, channel.StaticKey.generate())
+            await receive(secure)
+            await send(secure, Hello("signer"))
+            await send(secure, Confirm(False, HOSTILE_REASON))
+            await secure.close()
+            paired.set()
+
+        paired = asyncio.Event()
+        server = await asyncio.start_server(pair, LOCALHOST, pairing.port)
+        async with server:
+            await asyncio.to_thread(pairing.start_agent)
+            await asyncio.wait_for(paired.wait(), 20)
+
+    asyncio.run(hostile_window())
+    agent = pairing.started[-1]
+
+    assert agent.wait() == 1, agent.output
+    assert f"the other device rejected the pairing ({ESCAPED_REASON})" in agent.output
+    assert "\x1b" not in agent.output
+    assert "\x07" not in agent.output
+    assert "\x9b" not in agent.output
+    assert _signers_file(chain) == {}
+
+
+# Open files of the pairing window in the flood test: the common default
+# soft limit of 1,024 scaled down, so that the test fills it with 148 connections.
+FLOOD_FILE_LIMIT = 128
+
+
+def test_pair_window_survives_silent_connection_flood(chain: Chain, pairing: Pairing) -> None:
+    signer = pairing.start_signer(prefix=["prlimit", f"--nofile={FLOOD_FILE_LIMIT}", "--"])
+
+    async def flood_then_pair() -> None:
+        silent = []
+        try:
+            for _ in range(FLOOD_FILE_LIMIT + 20):
+                silent.append(await asyncio.open_connection(LOCALHOST, pairing.port, local_addr=("127.0.0.2", 0)))
+            agent = await asyncio.to_thread(pairing.start_agent)
+            await asyncio.to_thread(agent.expect, r"Do the codes match\? \[y/N\]")
+        finally:
+            for _, writer in silent:
+                writer.close()
+
+    asyncio.run(asyncio.wait_for(flood_then_pair(), 60))
+    agent = pairing.started[-1]
+    signer.expect(r"Do the codes match\? \[y/N\]")
+    signer.send_line("y")
+    agent.send_line("y")
+
+    assert signer.wait() == 0, signer.output
+    assert agent.wait() == 0, agent.output
+    limit = admission.MAX_HANDSHAKES_PER_ADDRESS
+    assert f"closed before the handshake: {limit} handshakes from 127.0.0.2 are already in progress" in signer.output
+    assert [device["name"] for device in _devices(chain)] == [default_name()]

@@ -13,15 +13,27 @@ files move up to ``FILE.2`` and so on, up to ``keep`` files) and a new file
 starts.  The chain continues across files: the new file's first line points
 at the last line of ``FILE.1``, and ``verify`` walks the files oldest first.
 
+Several processes may append to one log, for example two agents with the
+same state directory.  Each append holds an exclusive flock(2) on
+``FILE.lock`` and reads the last line from the file itself, so the chain
+stays one chain.  A line that a crash of the host cut short (no line end,
+or a tail of zero bytes) is removed before the next line is written, with
+a warning, because a line appended after it would be joined to it.
+
 Lines never contain a PIN or the data that was signed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,9 +42,19 @@ from .errors import ConfigError, StateWriteError
 from .fsutil import ensure_private_dir
 from .syncer import BackgroundSync, sync_file
 from .jsonutil import parse_json
+from .printable import escape_nonprintable
 from .protocol.messages import FailureCode
 
+logger = logging.getLogger(__name__)
+
 GENESIS = "0" * 64
+# How long an append waits for another process's append to finish.  A
+# write takes microseconds, so only a stopped or hung writer makes it
+# wait this long, and the caller's event loop waits with it.
+LOCK_TIMEOUT = 2.0
+_LOCK_POLL_INTERVAL = 0.01
+# Bytes read at a time when looking for the last line from the end of a file.
+_TAIL_CHUNK = 8192
 
 # Outcomes a request can end with, as recorded in the ``outcome`` field.
 # "signed" is a request that the agent forwarded to an upstream ssh-agent,
@@ -88,9 +110,14 @@ class AuditLog:
         self.path = Path(path)
         self.max_bytes = max_bytes
         self.keep = keep
+        # The lock file that serialises appends from all processes, with flock(2).
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
         self._lock = threading.Lock()
-        self._last_hash: str | None = None
         self._syncer = BackgroundSync(f"fsync {self.path.name}") if sync_in_background else None
+        # The current file as this object left it after its last append, and
+        # the hash of the line it wrote.  While the file is unchanged, the
+        # next append needs no read.
+        self._written: tuple[tuple[int, int, int, int], str] | None = None
 
     def flush(self) -> None:
         """Wait until every appended record is on the disk."""
@@ -118,24 +145,84 @@ class AuditLog:
         os.replace(self.path, self._rotated(1))
 
     def append(self, record: dict[str, object]) -> dict[str, object]:
-        """Append ``record`` with its time and chain fields; return what was written."""
-        with self._lock:
-            if self._last_hash is None:
-                self._last_hash = self._hash_of_last_line()
-            entry = {"time": utc_timestamp(), **record, "prev": self._last_hash}
-            line = json.dumps(entry, sort_keys=True, separators=(",", ":")).encode("utf-8")
-            ensure_private_dir(self.path.parent)
-            if self.path.exists() and self.path.stat().st_size + len(line) > self.max_bytes:
-                self._rotate()
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        """Append ``record`` with its time and chain fields; return what was written.
+
+        Raise StateWriteError when the line cannot be written or another
+        process holds the log's lock for more than LOCK_TIMEOUT seconds.
+        """
+        ensure_private_dir(self.path.parent)
+        with self._lock, self._exclusive_lock():
+            fd = self._open_current()
             try:
+                size = self._cut_incomplete_line(fd)
+                entry = {"time": utc_timestamp(), **record, "prev": self._hash_of_last_line(fd)}
+                line = json.dumps(entry, sort_keys=True, separators=(",", ":")).encode("utf-8")
+                if size and size + len(line) > self.max_bytes:
+                    os.close(fd)
+                    fd = -1
+                    self._rotate()
+                    fd = self._open_current()
                 self._append_line(fd, line + b"\n", sync=self._syncer is None)
+                self._written = (_file_state(fd), line_hash(line))
             finally:
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
             if self._syncer is not None:
                 self._syncer.request(self.path)
-            self._last_hash = line_hash(line)
             return entry
+
+    def _open_current(self) -> int:
+        return os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    @contextlib.contextmanager
+    def _exclusive_lock(self) -> Iterator[None]:
+        """Hold the flock on ``lock_path``, waiting at most LOCK_TIMEOUT seconds for it."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise StateWriteError(
+                f"cannot open the audit log's lock file {self.lock_path}: {exc.strerror or exc}"
+            ) from exc
+        try:
+            deadline = time.monotonic() + LOCK_TIMEOUT
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise StateWriteError(
+                            f"another process has held the lock {self.lock_path} of the audit log for "
+                            f"{LOCK_TIMEOUT:g} s; is a tpmsigner process stopped or hung?"
+                        ) from None
+                    time.sleep(_LOCK_POLL_INTERVAL)
+            yield
+        finally:
+            os.close(fd)
+
+    def _cut_incomplete_line(self, fd: int) -> int:
+        """Remove the end of the open current file after its last line end, with a warning; return its size.
+
+        A crash in the middle of a write leaves such a tail.  A write that
+        fails with an error does not, because ``_append_line`` undoes it.
+        """
+        size = os.fstat(fd).st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return size
+        keep = _end_of_last_line(fd, size)
+        try:
+            os.ftruncate(fd, keep)
+        except OSError as exc:
+            raise StateWriteError(
+                f"cannot remove the incomplete last line of the audit log {self.path}: {exc.strerror or exc}"
+            ) from exc
+        logger.warning(
+            "the audit log %s ended in an incomplete line of %d bytes, left by a crash during a write. "
+            "Removed it, so that the next record starts on a line of its own",
+            self.path,
+            size - keep,
+        )
+        return keep
 
     def _append_line(self, fd: int, line: bytes, sync: bool) -> None:
         """Write ``line`` at the end of the open log (and fsync it if ``sync``), or leave the log as it was.
@@ -157,13 +244,19 @@ class AuditLog:
                 f"cannot append to the audit log {self.path}: {exc.strerror or exc}; the log is unchanged"
             ) from exc
 
-    def _hash_of_last_line(self) -> str:
-        for path in reversed(self.files()):
-            last = b""
+    def _hash_of_last_line(self, fd: int) -> str:
+        """Return the hash of the newest line, in the open current file or else in the rotated ones.
+
+        Returns GENESIS when there is no line at all.
+        """
+        if self._written is not None and self._written[0] == _file_state(fd):
+            return self._written[1]
+        last = _last_line(fd)
+        if last:
+            return line_hash(last)
+        for path in reversed(self.files()[:-1] if self.path.exists() else self.files()):
             with open(path, "rb") as log_file:
-                for line in log_file:
-                    if line.strip():
-                        last = line
+                last = _last_line(log_file.fileno())
             if last:
                 return line_hash(last)
         return GENESIS
@@ -220,6 +313,40 @@ class AuditLog:
         return VerifyResult(lines=count)
 
 
+def _file_state(fd: int) -> tuple[int, int, int, int]:
+    """Return what changes when anyone writes, truncates or replaces the file: device, inode, size, mtime."""
+    info = os.fstat(fd)
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def _end_of_last_line(fd: int, size: int) -> int:
+    """Return the offset just after the last line end in the first ``size`` bytes of ``fd``, or 0."""
+    end = size
+    while end > 0:
+        start = max(0, end - _TAIL_CHUNK)
+        newline = os.pread(fd, end - start, start).rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        end = start
+    return 0
+
+
+def _last_line(fd: int) -> bytes:
+    """Return the last line of ``fd`` that is not blank, without its line end, or b"" if there is none."""
+    end = os.fstat(fd).st_size
+    tail = b""
+    while end > 0:
+        start = max(0, end - _TAIL_CHUNK)
+        tail = os.pread(fd, end - start, start) + tail
+        end = start
+        lines = [line for line in tail.split(b"\n") if line.strip()]
+        # The first piece may be the end of a longer line, unless the
+        # whole file has been read.
+        if len(lines) > 1 or (lines and end == 0):
+            return lines[-1]
+    return b""
+
+
 def parse_since(value: str) -> datetime:
     """Parse ``--since``; a time without a zone is taken as UTC."""
     try:
@@ -252,10 +379,13 @@ def print_audit(records: list[dict[str, object]], since: str | None = None, as_j
         outcome = str(record.get("outcome", "?"))
         if record.get("upstream"):
             where += f" (upstream agent {record['upstream']})"
+        # A command line, a user name or an SSHSIG namespace came from a peer.
         print(
-            f"{record.get('time')}  {outcome:<11}  {record.get('purpose', '?')}{where}  "
-            f"key {record.get('key_fingerprint', '?')}  by {who}"
-            + (f"  -- {record['reason']}" if record.get("reason") else "")
+            escape_nonprintable(
+                f"{record.get('time')}  {outcome:<11}  {record.get('purpose', '?')}{where}  "
+                f"key {record.get('key_fingerprint', '?')}  by {who}"
+                + (f"  -- {record['reason']}" if record.get("reason") else "")
+            )
         )
 
 

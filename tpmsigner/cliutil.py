@@ -11,6 +11,7 @@ from typing import Awaitable, Callable
 
 from .errors import TpmSignerError
 from .logsetup import configure_logging, level_for
+from .printable import escape_nonprintable
 
 
 def add_verbosity_options(parser: argparse.ArgumentParser, *, subcommand: bool = False) -> None:
@@ -37,7 +38,8 @@ def run_handler(program: str, args: argparse.Namespace) -> int:
     try:
         return args.handler(args)
     except (TpmSignerError, ValueError) as exc:
-        print(f"{program}: error: {exc}", file=sys.stderr)
+        # A message may quote a peer, such as the reason of a refused pairing.
+        print(f"{program}: error: {escape_nonprintable(str(exc))}", file=sys.stderr)
         return 1
     except OSError as exc:
         # A file or socket the command needs: the path and the reason are
@@ -77,9 +79,10 @@ def print_json(value: object) -> None:
 
 
 def print_table(rows: list[tuple[str, ...]]) -> None:
-    """Print rows as left-aligned columns separated by two spaces."""
+    """Print rows as left-aligned columns separated by two spaces, with control characters escaped."""
     if not rows:
         return
+    rows = [tuple(escape_nonprintable(cell) for cell in row) for row in rows]
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths)]

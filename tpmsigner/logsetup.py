@@ -16,6 +16,8 @@ from collections import deque
 from contextlib import contextmanager
 from typing import Iterator
 
+from .printable import escape_nonprintable
+
 # syslog(3) priorities for sd-daemon(3)'s "<N>" line prefixes.
 _SYSLOG_PRIORITIES = (
     (logging.CRITICAL, 2),  # LOG_CRIT
@@ -54,11 +56,13 @@ def stderr_is_journal() -> bool:
 
 
 class OneLineFormatter(logging.Formatter):
-    """Format a record, traceback included, as exactly one line.
+    """Format a record, traceback included, as exactly one line of printable text.
 
     Line breaks are escaped, so a message that contains text from a peer
     cannot forge a second log line, and journald keeps a traceback in one
-    entry instead of one entry per line.
+    entry instead of one entry per line.  Every other control character is
+    escaped too, because serve's log shares the terminal of the tty
+    approver's prompt, and an escape sequence in a log line could repaint it.
     """
 
     def __init__(self, journal: bool) -> None:
@@ -69,7 +73,7 @@ class OneLineFormatter(logging.Formatter):
         self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record).replace("\r", "\\r").replace("\n", "\\n")
+        text = escape_nonprintable(super().format(record).replace("\r", "\\r").replace("\n", "\\n"))
         if self.journal:
             return f"<{syslog_priority(record.levelno)}>{text}"
         return text

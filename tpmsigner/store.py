@@ -425,14 +425,26 @@ class KeyStore:
         write_private_file(metadata_path, text.encode("utf-8"))
 
     def _read_metadata(self, path: Path) -> Identity:
+        # Every listing stops at a damaged file rather than hide an identity,
+        # so each error names the way to get the others back.
+        hint = (
+            f"; restore the file from a backup, or move it and its {KEY_FILE_SUFFIX} key file out of "
+            f"{self.keys_dir} to use the other identities"
+        )
         try:
             record = parse_json(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise KeyStoreError(f"cannot read identity metadata {path}: {exc}") from None
-        identity = Identity.from_json(record, source=str(path))
+            raise KeyStoreError(f"cannot read identity metadata {path}: {exc}{hint}") from None
+        try:
+            identity = Identity.from_json(record, source=str(path))
+        except KeyFileError as exc:
+            raise KeyFileError(f"{exc}{hint}") from None
         if path.name != identity.label + METADATA_SUFFIX:
-            raise KeyFileError(f"{path}: label {identity.label!r} does not match the file name")
+            raise KeyFileError(f"{path}: label {identity.label!r} does not match the file name{hint}")
         return identity
+
+
+_PARENT_HANDLE = re.compile(r"0x[0-9a-f]{8}")
 
 
 class TpmBinding:
@@ -455,8 +467,12 @@ class TpmBinding:
             parents = record["parents"]
             if record.get("version") != 1 or not isinstance(parents, dict):
                 raise ValueError("unsupported format")
-            if not all(isinstance(name, str) for name in parents.values()):
-                raise ValueError("every parent name must be a hex string")
+            for handle, name in parents.items():
+                # Callers parse the handles with int(handle, 16).
+                if not _PARENT_HANDLE.fullmatch(handle):
+                    raise ValueError(f"invalid parent handle {handle!r}, expected 0x and 8 hex digits")
+                if not isinstance(name, str):
+                    raise ValueError("every parent name must be a hex string")
             return dict(parents)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise KeyStoreError(f"cannot read the TPM binding file {self.path}: {exc}") from None

@@ -25,6 +25,8 @@ from ..pairing import (
     send,
 )
 from ..protocol import channel
+from ..ratelimit import RateLimitedLogger
+from ..signer.admission import HandshakeAdmission
 from ..signer.devices import DeviceRegistry
 from ..cliutil import print_json, print_table
 from .common import resolve_home
@@ -98,7 +100,15 @@ def command_pair(args: argparse.Namespace) -> int:
 
 
 class PairingWindow:
-    """A listener that pairs the first agent that completes a pairing handshake, then stops."""
+    """A listener that pairs the first agent that completes a pairing handshake, then stops.
+
+    Until then, anyone who reaches the port can start handshakes, so they
+    pass the signer's admission limits (tpmsigner/signer/admission.py).
+    Without them, silent connections from one address could take every
+    file descriptor and make the real agent's handshake time out.  The
+    warnings about rejected and failed handshakes are rate-limited, because
+    they go to the terminal that shows the pairing code.
+    """
 
     def __init__(
         self, static_key: channel.StaticKey, registry: DeviceRegistry, device_name: str | None, timeout: float
@@ -109,6 +119,9 @@ class PairingWindow:
         self.timeout = timeout
         self._claimed = False
         self._outcome: asyncio.Future[int] | None = None
+        self._admission = HandshakeAdmission()
+        self._admission_log = RateLimitedLogger(logger)
+        self._handshake_log = RateLimitedLogger(logger)
 
     async def run(self, host: str, port: int, listen_text: str, mdns_interfaces: list[str] | None) -> int:
         """Open the window; mdns_interfaces None means no mDNS advertisement."""
@@ -150,18 +163,26 @@ class PairingWindow:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
         if self._claimed:
-            logger.warning("pairing connection from %s rejected: another pairing is under way", address)
+            self._admission_log.warning("pairing connection from %s rejected: another pairing is under way", address)
+            writer.close()
+            return
+        rejection = self._admission.admit(host)
+        if rejection is not None:
+            self._admission_log.warning("pairing connection from %s closed before the handshake: %s", address, rejection)
             writer.close()
             return
         try:
             secure = await channel.respond_pairing(reader, writer, self.static_key)
         except ChannelError as exc:
-            logger.warning("pairing connection from %s failed during the handshake: %s", address, exc)
+            self._handshake_log.warning("pairing connection from %s failed during the handshake: %s", address, exc)
             writer.close()
             return
+        finally:
+            self._admission.finish(host)
         if self._claimed:
-            logger.warning("pairing connection from %s rejected: another pairing is under way", address)
+            self._admission_log.warning("pairing connection from %s rejected: another pairing is under way", address)
             await secure.close()
             return
         self._claimed = True

@@ -95,6 +95,8 @@ def command_serve(args: argparse.Namespace) -> int:
     check_approver(approver)
     notifier = DesktopNotifier.find() if args.notify else None
     static_key = _static_key(home)
+    # A damaged devices.json would otherwise reject every agent at its handshake.
+    DeviceRegistry(home / DEVICES_FILE).load()
     lock = _lock_home(home)
 
     # serve owns the TPM while it runs, so on a TPM without a resource

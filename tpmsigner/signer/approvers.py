@@ -25,6 +25,7 @@ from typing import Awaitable, Callable, Protocol
 
 from ..errors import ConfigError
 from ..logsetup import terminal_logs_held
+from ..printable import escape_nonprintable
 from ..protocol.messages import ProcessInfo
 from .children import bound_to_serve
 
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 MAX_PIN_OUTPUT = 4096
 # After the approver exits, how long its stdout may take to reach EOF.
 OUTPUT_GRACE_PERIOD = 0.5
+# After SIGKILL, how long the approver may take to exit.
+KILL_GRACE_PERIOD = 1.0
 DEFAULT_APPROVAL_TIMEOUT = 60.0
 
 
@@ -71,19 +74,33 @@ class ApprovalRequest:
         }
 
     def summary(self) -> str:
-        """Return a readable block describing the request, for a terminal."""
+        """Return a readable block describing the request, for a terminal.
+
+        Fields are capped as in the desktop prompts, because a compromised
+        agent host can send a field of hundreds of KiB that would scroll the
+        rest of the summary off the terminal.
+        """
+        # Imported here because requesttext imports this module.
+        from .requesttext import (
+            MAX_DESTINATION_CHARS,
+            MAX_NAME_CHARS,
+            MAX_PROCESS_CHARS,
+            MAX_PURPOSE_CHARS,
+            shorten,
+        )
+
         lines = [
             f"Signature request #{self.request_id}",
-            f"  device:      {self.device}",
-            f"  process:     {_printable(self.process.describe())}",
-            f"  key:         {self.key_label} ({self.key_fingerprint})",
+            f"  device:      {shorten(self.device, MAX_NAME_CHARS)}",
+            f"  process:     {shorten(self.process.describe(), MAX_PROCESS_CHARS, keep_end=True)}",
+            f"  key:         {shorten(self.key_label, MAX_NAME_CHARS)} ({self.key_fingerprint})",
         ]
         if self.certificate_key_id is not None:
             lines.append(f'  certificate: key id "{_printable(self.certificate_key_id)}" ({self.certificate_status})')
-        lines.append(f"  purpose:     {_printable(self.purpose)}")
+        lines.append(f"  purpose:     {shorten(self.purpose, MAX_PURPOSE_CHARS)}")
         if self.destination:
             state = "verified" if self.destination_verified else "NOT verified"
-            lines.append(f"  destination: {_printable(self.destination)} ({state})")
+            lines.append(f"  destination: {shorten(self.destination, MAX_DESTINATION_CHARS)} ({state})")
         if self.host_key_fingerprint:
             lines.append(f"  host key:    {self.host_key_fingerprint}")
         if self.forwarded:
@@ -93,7 +110,7 @@ class ApprovalRequest:
 
 def _printable(text: str) -> str:
     """Escape control characters, so a peer cannot repaint the prompt."""
-    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
+    return escape_nonprintable(text)
 
 
 class Approver(Protocol):
@@ -157,7 +174,7 @@ async def run_approver_program(
 
     The program approves by exiting 0; any other status refuses.  Raises
     TimeoutError after ``timeout`` seconds.  The program and everything it
-    started are killed whenever it ends.
+    started in its process group are killed whenever it ends.
     """
     # setpriv would report a missing program only as exit status 127, so
     # the program is looked up here to log the real cause.
@@ -165,40 +182,48 @@ async def run_approver_program(
     if program is None:
         logger.error("request %d: cannot run approver %r: not found or not executable", request_id, argv[0])
         return None
+    loop = asyncio.get_running_loop()
     try:
         # A session of its own, so that on timeout the whole process
         # group goes, including helpers the approver started.
-        process = await asyncio.create_subprocess_exec(
+        transport, protocol = await loop.subprocess_exec(
+            _ApproverProtocol,
             *bound_to_serve([program, *argv[1:]]),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
+            stderr=None,
             env=environment,
             start_new_session=True,
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
+        # ValueError: an argument or variable with a NUL character.
         logger.error("request %d: cannot run approver %r: %s", request_id, argv[0], exc)
         return None
 
-    assert process.stdout is not None
-    output = bytearray()
-    reader = asyncio.create_task(_read_bounded(process.stdout, output))
+    pid = transport.get_pid()
     try:
-        await asyncio.wait_for(process.wait(), timeout)
-        # The decision is the exit status.  A child the approver left
-        # behind may keep stdout open, so wait only briefly for the rest.
-        await asyncio.wait({reader}, timeout=OUTPUT_GRACE_PERIOD)
-    except (asyncio.TimeoutError, asyncio.CancelledError):
-        _kill_group(process.pid)
-        await process.wait()
-        raise
+        # The decision is the exit status.  asyncio's Process.wait() also
+        # waits until stdout is closed (CPython 3.11, base_subprocess.py),
+        # which a helper the approver left running may never do, so the
+        # exit is awaited on its own.
+        await asyncio.wait_for(asyncio.shield(protocol.exited), timeout)
+        await asyncio.wait({protocol.output_closed}, timeout=OUTPUT_GRACE_PERIOD)
     finally:
-        reader.cancel()
-        _kill_group(process.pid)
+        _kill_group(pid)
+        if not protocol.exited.done():
+            # asyncio's child watcher reaps the killed program.  Closing
+            # the transport before that calls Popen.poll(), which could reap
+            # it first, and the watcher then logs an unknown child process.
+            await asyncio.wait({protocol.exited}, timeout=KILL_GRACE_PERIOD)
+        # Closing the transport closes the read end of stdout, which a
+        # helper outside the process group may still hold open.
+        transport.close()
 
-    if process.returncode != 0:
-        logger.info("request %d: approver exited with status %d: denied", request_id, process.returncode)
+    returncode = transport.get_returncode()
+    if returncode != 0:
+        logger.info("request %d: approver exited with status %d: denied", request_id, returncode)
         return None
-    first_line = bytes(output).split(b"\n", 1)[0].rstrip(b"\r")
+    first_line = bytes(protocol.output).split(b"\n", 1)[0].rstrip(b"\r")
     try:
         return first_line.decode("utf-8")
     except UnicodeDecodeError:
@@ -206,11 +231,26 @@ async def run_approver_program(
         return None
 
 
-async def _read_bounded(stream: asyncio.StreamReader, output: bytearray) -> None:
-    """Append up to MAX_PIN_OUTPUT bytes of ``stream`` to ``output``, discarding the rest."""
-    while chunk := await stream.read(4096):
-        if len(output) < MAX_PIN_OUTPUT:
-            output += chunk[: MAX_PIN_OUTPUT - len(output)]
+class _ApproverProtocol(asyncio.SubprocessProtocol):
+    """Collects up to MAX_PIN_OUTPUT bytes of an approver's stdout, and notes its exit."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.output = bytearray()
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.output_closed: asyncio.Future[None] = loop.create_future()
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if len(self.output) < MAX_PIN_OUTPUT:
+            self.output += data[: MAX_PIN_OUTPUT - len(self.output)]
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if not self.output_closed.done():
+            self.output_closed.set_result(None)
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
 
 
 def _kill_group(pid: int) -> None:

@@ -60,16 +60,29 @@ class DeviceRegistry:
         self.path = Path(path)
 
     def load(self) -> list[Device]:
+        """Return the trusted devices; raise ConfigError, naming the file and the fix, if it is invalid."""
         if not self.path.exists():
             return []
         try:
-            record = parse_json(self.path.read_text(encoding="utf-8"))
-            version = record.get("version")
-            if version not in READABLE_VERSIONS:
-                raise ValueError(f"unsupported version {version!r}")
-            return [_parse_entry(name, entry, version) for name, entry in sorted(record["devices"].items())]
-        except (OSError, ValueError, KeyError, AttributeError, TypeError, ConfigError) as exc:
-            raise ConfigError(f"cannot read the trusted devices file {self.path}: {exc}") from None
+            text = self.path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise self._invalid(exc.strerror or str(exc)) from None
+        except UnicodeDecodeError:
+            raise self._invalid("the file is not UTF-8 text") from None
+        try:
+            record = parse_json(text)
+        except ValueError as exc:
+            raise self._invalid(f"not valid JSON ({exc})") from None
+        try:
+            return _parse_devices(record)
+        except (ValueError, ConfigError) as exc:
+            raise self._invalid(str(exc)) from None
+
+    def _invalid(self, reason: str) -> ConfigError:
+        return ConfigError(
+            f"cannot read the trusted devices file {self.path}: {reason}; correct the file, or move it away "
+            "and pair the agents again with 'tpmsigner pair' or 'tpmsigner allow'"
+        )
 
     def find(self, public_key: bytes) -> Device | None:
         for device in self.load():
@@ -158,6 +171,19 @@ class DeviceRegistry:
         write_private_file(self.path, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
 
 
+def _parse_devices(record: object) -> list[Device]:
+    """Return the devices of a parsed devices.json; raise ValueError or ConfigError saying what is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError("the file must contain a JSON object")
+    version = record.get("version")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"unsupported version {version!r}, expected one of {', '.join(map(str, READABLE_VERSIONS))}")
+    devices = record.get("devices")
+    if not isinstance(devices, dict):
+        raise ValueError("'devices' must be a JSON object of device names")
+    return [_parse_entry(name, entry, version) for name, entry in sorted(devices.items())]
+
+
 def _parse_entry(name: str, entry: object, version: int) -> Device:
     if version == 1:
         if not isinstance(entry, str):
@@ -165,6 +191,8 @@ def _parse_entry(name: str, entry: object, version: int) -> Device:
         return Device(name, parse_public_key(entry))
     if not isinstance(entry, dict):
         raise ValueError(f"device {name!r}: expected an object with a 'key'")
+    if not isinstance(entry.get("key"), str):
+        raise ValueError(f"device {name!r}: 'key' must be a string, as 'tpmsigner-agent id' prints it")
     optional = {}
     for field_name in ("paired", "last_seen", "last_address"):
         value = entry.get(field_name)

@@ -130,6 +130,7 @@ class SignerServer:
         self._admission = HandshakeAdmission(config.handshake_attempts)
         self._admission_log = RateLimitedLogger(logger)
         self._device_limit_log = RateLimitedLogger(logger)
+        self._devices_file_log = RateLimitedLogger(logger)
         self.listing_limit_log = RateLimitedLogger(logger, limit=1)
         self.waiting_approvals = 0
         self._sessions: set[_AgentSession] = set()
@@ -149,7 +150,13 @@ class SignerServer:
         try:
             self.audit_log.append(record)
         except (OSError, TpmSignerError) as exc:
-            logger.error("the audit record of request #%s was not written: %s", record.get("request_id"), exc)
+            # The outcome is named here, so that this log keeps it when the audit log cannot.
+            logger.error(
+                "the audit record of request #%s (outcome %s) was not written: %s",
+                record.get("request_id"),
+                record.get("outcome"),
+                exc,
+            )
 
     def notify(self, approval: ApprovalRequest, reply: Message) -> None:
         """Start a desktop notification of a request's outcome, if notifications are on."""
@@ -261,6 +268,10 @@ class SignerServer:
             return
         except ChannelError as exc:
             self._handshake_log.warning("connection from %s failed during the handshake: %s", address, exc)
+            return
+        except ConfigError as exc:
+            # is_trusted could not read devices.json, so no device is trusted until it is fixed.
+            self._devices_file_log.error("%s; closing the connection from %s", exc, address)
             return
         finally:
             self._admission.finish(host)
