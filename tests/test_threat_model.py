@@ -367,6 +367,7 @@ def test_row4_replayed_noise_frames_sign_nothing(chain: Chain) -> None:
         wait_until(lambda: "disconnected" in signer.log_text(), 10, "the signer to see the agent leave")
         [recorded] = relay.connections
         sent = bytes(recorded.to_target)
+        first_reply = bytes(recorded.from_target)
 
     assert verify_signature(public_key_from_blob(key_blob_of(public_line)), b"once", signature)
     assert len(chain.approver_requests()) == 1
@@ -381,7 +382,10 @@ def test_row4_replayed_noise_frames_sign_nothing(chain: Chain) -> None:
 
     # The signer answered the replayed first handshake message with a fresh
     # ephemeral key, so the replayed third message failed and it closed.
+    # Each handshake message is framed by a 2-byte length, and the second
+    # one starts with the responder's 32-byte ephemeral public key.
     assert 0 < len(answer) < 200
+    assert answer[2:34] != first_reply[2:34]
     wait_until(lambda: "failed during the handshake" in signer.log_text(), 10, "the signer to reject the replay")
     assert len(chain.approver_requests()) == 1
     assert signer.log_text().count("signed with") == 1
