@@ -272,6 +272,9 @@ def test_row3_captured_traffic_reveals_nothing(chain: Chain, sshd_factory, tmp_p
         "PIN": PIN.encode(),
         "device name": b"test-laptop",
         "ssh command line": b"StrictHostKeyChecking",
+        # Noise XX sends both static keys encrypted, in messages 2 and 3.
+        "agent's Noise static key": agent_static_key(chain).public,
+        "signer's Noise static key": signer_public_key(chain),
     }
     for what, needle in needles.items():
         assert needle not in captured, f"the {what} crossed the wire in clear"
