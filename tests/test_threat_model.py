@@ -547,6 +547,45 @@ def test_row7_refusal_counts_reset_on_approval(chain: Chain) -> None:
     assert "refusing its requests without asking" not in chain.signer.log_text()
 
 
+def test_row7_unanswered_prompts_count_as_refusals(chain: Chain) -> None:
+    public_line = chain.keygen(LABEL, PIN)
+    chain.pair()
+    chain.start_signer("--refusal-limit", "2", "--refusal-pause", "600", approval_timeout=1.0)
+    chain.start_agent()
+    # The approver never decides, so each prompt runs out its time.
+    chain.hold_approvals()
+
+    for number in range(2):
+        with pytest.raises(ValueError):
+            sign_through_agent(chain, public_line, b"unanswered %d" % number)
+
+    chain.release_approvals()
+    with pytest.raises(ValueError):
+        sign_through_agent(chain, public_line, b"during the pause")
+
+    assert len(chain.approver_requests()) == 2
+    assert chain.signer is not None
+    assert "was refused 2 times in a row; refusing its requests without asking for 600 s" in chain.signer.log_text()
+    assert audit_outcomes(chain.signer_audit_log)[:2] == ["timed_out", "timed_out"]
+
+
+def test_row7_default_limit_and_pause(chain: Chain) -> None:
+    public_line = start_chain(chain)
+    chain.set_decision("deny")
+
+    for number in range(5):
+        with pytest.raises(ValueError):
+            sign_through_agent(chain, public_line, b"refused %d" % number)
+    with pytest.raises(ValueError):
+        sign_through_agent(chain, public_line, b"during the pause")
+
+    # docs/SECURITY.md: after 5 refusals in a row, a pause of 30 s.
+    assert len(chain.approver_requests()) == 5
+    assert chain.signer is not None
+    assert "was refused 5 times in a row; refusing its requests without asking for 30 s" in chain.signer.log_text()
+    assert "its requests are paused for" in chain.signer.log_text()
+
+
 def test_refusal_options_are_checked(chain: Chain) -> None:
     for option, value, message in (
         ("--refusal-limit", "0", "--refusal-limit must be at least 1"),
