@@ -33,13 +33,13 @@ def lockout_counter(tcti: str) -> int:
         esapi.close()
 
 
-def sign_with_ssh_keygen(chain: Chain, public_line: str) -> subprocess.Popen[str]:
+def sign_with_ssh_keygen(chain: Chain, public_line: str, namespace: str = "file") -> subprocess.Popen[str]:
     pub_file = chain.workdir / "work.pub"
     pub_file.write_text(public_line + "\n")
     message = chain.workdir / "message.txt"
     message.write_text("to be signed\n")
     return subprocess.Popen(
-        ["ssh-keygen", "-Y", "sign", "-n", "file", "-f", str(pub_file), str(message)],
+        ["ssh-keygen", "-Y", "sign", "-n", namespace, "-f", str(pub_file), str(message)],
         env=chain.agent_environment(),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -324,3 +324,53 @@ def test_tty_prompt_caps_long_fields_from_agent(chain: Chain) -> None:
     assert "purpose:     sshsig:filennn" in text
     assert "process:     ssh (pid 42, uid 1000): ssh xxx" in text
     assert len(text) < 2000
+
+
+# The requester chooses the sshsig namespace.  The prompt shows it as the
+# purpose and again in the command line of ssh-keygen, and here it tries to
+# clear the screen and draw a prompt of its own.
+HOSTILE_NAMESPACE = "ns\x1b[2J\nPIN for root: "
+ESCAPED_NAMESPACE = "ns\\x1b[2J\\x0aPIN for root: "
+
+
+def test_tty_approver_escapes_peer_text(chain: Chain) -> None:
+    public_line = chain.keygen("work", PIN)
+    chain.pair()
+    master, slave = pty.openpty()
+    try:
+        chain.start_signer(approver="tty", controlling_tty=slave)
+        chain.start_agent()
+
+        signing = sign_with_ssh_keygen(chain, public_line, namespace=HOSTILE_NAMESPACE)
+        shown = read_terminal_until(master, b"PIN for work", timeout=20)
+        # An empty line rejects the request.
+        os.write(master, b"\n")
+        signing.communicate(timeout=30)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+    assert signing.returncode != 0
+    text = shown.decode(errors="replace").replace("\r\n", "\n")
+    assert f"  purpose:     sshsig:{ESCAPED_NAMESPACE}\n" in text
+    assert ESCAPED_NAMESPACE in text.split("  process:     ", 1)[1].splitlines()[0]
+    assert "\x1b" not in text
+    assert "\nPIN for root" not in text
+
+
+def test_command_approver_gets_escaped_peer_text(chain: Chain) -> None:
+    public_line = chain.keygen("work", PIN)
+    chain.pair()
+    chain.start_signer()
+    chain.start_agent()
+
+    signing = sign_with_ssh_keygen(chain, public_line, namespace=HOSTILE_NAMESPACE)
+    _, stderr = signing.communicate(timeout=30)
+
+    assert signing.returncode == 0, stderr
+    (seen,) = chain.approver_requests()
+    assert seen["TPMSIGNER_PURPOSE"] == f"sshsig:{ESCAPED_NAMESPACE}"
+    assert ESCAPED_NAMESPACE in seen["TPMSIGNER_PROCESS"]
+    for name, value in seen.items():
+        assert "\x1b" not in value, name
+        assert "\n" not in value, name

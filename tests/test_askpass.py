@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from tpmsigner.protocol.messages import ProcessInfo
 from tpmsigner.signer.approvers import ApprovalRequest
 from tpmsigner.signer.approvers import MAX_PIN_OUTPUT
 from tpmsigner.signer.askpass import AskpassApprover
+from tpmsigner.signer.requesttext import MAX_PROCESS_CHARS
 from tests.support import pid_is_running, wait_until
 from tests.support.chain import Chain
 
@@ -50,8 +52,8 @@ def make_request() -> ApprovalRequest:
     )
 
 
-def ask(approver: AskpassApprover) -> str | None:
-    return asyncio.run(approver.request_pin(make_request()))
+def ask(approver: AskpassApprover, request: ApprovalRequest | None = None) -> str | None:
+    return asyncio.run(approver.request_pin(request or make_request()))
 
 
 def test_ssh_askpass_program_signs(chain: Chain) -> None:
@@ -151,3 +153,28 @@ def test_askpass_timeout_kills_process_group(tmp_path: Path) -> None:
 
     helper_pid = int(helper_pid_file.read_text())
     wait_until(lambda: not pid_is_running(helper_pid), 5, "the askpass helper to be killed")
+
+
+def test_askpass_prompt_escapes_and_shortens_peer_text(tmp_path: Path) -> None:
+    program = write_askpass(tmp_path, "sys.exit(1)\n")
+    # The requester chooses its command line and, through known_hosts
+    # lookups, the host name.  Both try to draw lines of their own.
+    command_line = "ssh " + "-o SendEnv=X " * 100 + "alice@host\x1b[2J"
+    request = dataclasses.replace(
+        make_request(),
+        process=ProcessInfo(pid=42, uid=1000, executable="/usr/bin/ssh", command_line=command_line),
+        purpose="ssh-login",
+        destination="alice@host\nkey: other (SHA256:forged)",
+    )
+
+    assert ask(AskpassApprover(str(program)), request) is None
+
+    prompt = seen(tmp_path)["argv"][1]
+    assert isinstance(prompt, str)
+    assert "\x1b" not in prompt
+    assert "destination: alice@host\\x0akey: other (SHA256:forged) (NOT verified)\n" in prompt
+    assert [line for line in prompt.splitlines() if line.startswith("key: ")] == ["key: work (SHA256:abc)"]
+    # The long command line is cut in the middle, so its end, which names the destination, stays.
+    process_line = next(line for line in prompt.splitlines() if line.startswith("process: "))
+    assert len(process_line) == len("process: ") + MAX_PROCESS_CHARS
+    assert process_line.endswith("alice@host\\x1b[2J")

@@ -10,7 +10,7 @@ import pytest
 from asyncssh.packet import Boolean, Byte, String
 
 from tpmsigner.protocol import channel
-from tpmsigner.protocol.messages import Failure, SignRequest, decode_message, encode_message
+from tpmsigner.protocol.messages import Failure, SignReply, SignRequest, decode_message, encode_message
 from tpmsigner.protocol.sessionbind import BindingEvidence, SessionBind
 from tests.support.chain import Chain
 
@@ -153,6 +153,78 @@ def test_signer_rejects_forged_binding(chain: Chain, swtpm) -> None:
     assert isinstance(reply, Failure)
     assert "signature does not verify" in reply.message
     assert chain.approver_requests() == []
+
+
+def userauth_data(session_id: bytes, key_blob: bytes, named_host_key: bytes | None = None) -> bytes:
+    """Return what ssh signs to log in (RFC 4252 section 7), hostbound (OpenSSH PROTOCOL 2.5) if it names a host key."""
+    method = "publickey" if named_host_key is None else "publickey-hostbound-v00@openssh.com"
+    data = (
+        String(session_id) + Byte(50) + String("root") + String("ssh-connection") + String(method)
+        + Boolean(True) + String("ecdsa-sha2-nistp256") + String(key_blob)
+    )
+    return data if named_host_key is None else data + String(named_host_key)
+
+
+def test_signer_rejects_binding_of_other_request(chain: Chain, tmp_path) -> None:
+    """A compromised agent host sends a real binding of the allowed host with other data, and the signer rejects it."""
+    public_line = chain.keygen("work", PIN)
+    allowed_host = asyncssh.generate_private_key("ssh-ed25519")
+    other_host = asyncssh.generate_private_key("ssh-ed25519")
+    host_key_file = tmp_path / "allowed_host_key.pub"
+    host_key_file.write_bytes(allowed_host.export_public_key("openssh"))
+    chain.tpmsigner("restrict", "work", "--host-key", str(host_key_file))
+    agent_key = channel.StaticKey.generate()
+    chain.tpmsigner("allow", "compromised-host", channel.format_public_key(agent_key.public))
+    chain.start_signer()
+    signer_key = channel.parse_public_key(chain.tpmsigner("id").stdout)
+    key_blob = asyncssh.import_public_key(public_line).public_data
+
+    # A binding that the allowed host really signed, as the agent host
+    # receives it from ssh during a real login there.
+    bound_session = b"\x11" * 32
+    evidence = BindingEvidence(
+        bind=SessionBind(allowed_host.public_data, bound_session, allowed_host.sign(bound_session, b"ssh-ed25519"), False),
+        forwarded=False,
+        host_name="allowed.example",
+        name_verified=True,
+    )
+    requests = {
+        "another session": SignRequest(1, key_blob, userauth_data(b"\x22" * 32, key_blob), 0, evidence=evidence),
+        "another host key named": SignRequest(
+            2, key_blob, userauth_data(bound_session, key_blob, other_host.public_data), 0, evidence=evidence
+        ),
+        "not a login": SignRequest(3, key_blob, b"data that is not a userauth request", 0, evidence=evidence),
+        "no binding": SignRequest(4, key_blob, userauth_data(bound_session, key_blob), 0),
+        # Control: the same binding with the request it belongs to reaches the approver and is signed.
+        "matching": SignRequest(5, key_blob, userauth_data(bound_session, key_blob), 0, evidence=evidence),
+    }
+
+    async def send_all() -> dict[str, object]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", chain.signer_port)
+        secure = await channel.initiate(reader, writer, agent_key, signer_key)
+        try:
+            replies = {}
+            for case, request in requests.items():
+                await secure.send(encode_message(request))
+                replies[case] = decode_message(await asyncio.wait_for(secure.receive(), 30))
+            return replies
+        finally:
+            await secure.close()
+
+    replies = asyncio.run(send_all())
+
+    assert isinstance(replies["another session"], Failure)
+    assert "for another session than the userauth request" in replies["another session"].message
+    assert isinstance(replies["another host key named"], Failure)
+    assert "names another host key than the session binding" in replies["another host key named"].message
+    assert isinstance(replies["not a login"], Failure)
+    assert "with a request that is not a login" in replies["not a login"].message
+    assert isinstance(replies["no binding"], Failure)
+    assert "restricted to other hosts" in replies["no binding"].message
+    assert isinstance(replies["matching"], SignReply)
+    assert asyncssh.import_public_key(public_line).verify(requests["matching"].data, replies["matching"].signature)
+    assert len(chain.approver_requests()) == 1
+    assert chain.approver_requests()[0]["TPMSIGNER_DESTINATION"] == "root@allowed.example"
 
 
 def test_restricted_identity_signs_only_for_listed_host(chain: Chain, sshd_factory) -> None:

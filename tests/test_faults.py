@@ -399,8 +399,8 @@ def test_killed_signer_fails_pending_request(chain: Chain) -> None:
         answered_after = time.monotonic() - killed_at
     finally:
         waiting.close()
-        # The approver runs in a session of its own, so it outlives a
-        # signer killed with SIGKILL; the test ends it.
+        # serve starts the approver with a parent-death signal, so the
+        # kernel ends it with the killed signer.  This only stops a leak.
         stop_process(int(deciding.read_text()))
 
     assert reply == SSH_AGENT_FAILURE

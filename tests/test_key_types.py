@@ -7,6 +7,7 @@ import subprocess
 
 import asyncssh
 import pytest
+from asyncssh.packet import SSHPacket
 
 import tpmsigner
 from tpmsigner.keytypes import KEY_TYPES
@@ -78,10 +79,22 @@ def test_sshsig_with_each_key_type(chain: Chain, key_type: str) -> None:
     assert result.checked.returncode == 0, result.checked.stderr
 
     armored = (chain.workdir / "message.sig").read_text().splitlines()
-    signature_blob = base64.b64decode("".join(armored[1:-1]))
-    expected_algorithm = b"rsa-sha2-512" if key_type.startswith("rsa") else b"ecdsa-sha2-nistp384"
+    # OpenSSH PROTOCOL.sshsig: magic, version, public key, namespace,
+    # reserved, hash algorithm, then the signature blob, which starts with
+    # its algorithm name.  The name is compared there, because the public
+    # key blob before it also contains the key type.
+    sshsig = SSHPacket(base64.b64decode("".join(armored[1:-1])))
+    assert sshsig.get_bytes(6) == b"SSHSIG"
+    assert sshsig.get_uint32() == 1
+    assert sshsig.get_string() == base64.b64decode(public_line.split()[1])
+    assert sshsig.get_string() == b"git"
+    sshsig.get_string()
+    sshsig.get_string()
+    signature = SSHPacket(sshsig.get_string())
+    sshsig.check_end()
     # ssh-keygen -Y sign asks RSA keys for rsa-sha2-512 (OpenSSH 9.2).
-    assert expected_algorithm in signature_blob
+    expected_algorithm = b"rsa-sha2-512" if key_type.startswith("rsa") else b"ecdsa-sha2-nistp384"
+    assert signature.get_string() == expected_algorithm
 
 
 @pytest.mark.parametrize(

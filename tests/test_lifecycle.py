@@ -342,6 +342,31 @@ def test_cleared_tpm_is_refused(chain: Chain, swtpm) -> None:
     assert files_of(chain.signer_home / "keys") == before
 
 
+@pytest.mark.parametrize("tpm_change", ["cleared", "another"])
+def test_serve_refuses_to_start_on_changed_tpm(chain: Chain, swtpm, tmp_path, tpm_change: str) -> None:
+    chain.keygen("work", PIN)
+    serve = [
+        "serve", "--listen", f"127.0.0.1:{chain.signer_port}",
+        "--approver", f"command:{chain.approver_program}", "--no-mdns",
+    ]  # fmt: skip
+
+    if tpm_change == "cleared":
+        subprocess.run(["tpm2_clear", "-T", swtpm.tcti, "-c", "p"], check=True, capture_output=True, timeout=30)
+        # A serve that started anyway would run until this timeout and fail the test.
+        result = chain.tpmsigner(*serve, check=False, timeout=30)
+    else:
+        other = start_swtpm(tmp_path / "other-swtpm")
+        try:
+            result = chain.tpmsigner("--tcti", other.tcti, *serve, check=False, timeout=30)
+        finally:
+            other.stop()
+
+    assert result.returncode == 1
+    assert "the TPM was cleared" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert chain.approver_requests() == []
+
+
 def test_listing_sees_edits_by_hand(chain: Chain) -> None:
     chain.keygen("work", PIN)
     store = tpmsigner.KeyStore(chain.signer_home)

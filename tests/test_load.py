@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -45,6 +46,9 @@ WARM_UP_SHARE = 0.2
 # Growth of a daemon's RSS between the two samples that still counts as
 # flat: allocator noise, not a leak, which would grow with every request.
 RSS_GROWTH_ALLOWED_KIB = 8 * 1024
+# The level of each log line of serve, the agent and the embedded signer,
+# which all write "DATE TIME LEVEL LOGGER: MESSAGE" (tpmsigner.logsetup).
+LOG_LEVEL = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+: ", re.MULTILINE)
 
 
 def start_login(chain: Chain, sshd, text: str) -> subprocess.Popen[str]:
@@ -114,8 +118,10 @@ def test_logins_and_listings_beside_slow_approval(chain: Chain, sshd_factory) ->
     assert len(chain.approver_requests()) == PARALLEL_LOGINS + 1
     for managed in (signer, agent):
         log = managed.log_text()
+        levels = set(LOG_LEVEL.findall(log))
+        assert "INFO" in levels, f"{managed.name}: no log line in the expected format"
+        assert not levels & {"ERROR", "CRITICAL"}, log
         assert "Traceback" not in log
-        assert " ERROR: " not in log
 
 
 def load_request_count() -> int:
@@ -201,6 +207,7 @@ def test_many_signatures_through_whole_chain(chain: Chain) -> None:
 
     for managed in (signer, agent):
         log = managed.log_text()
+        levels = set(LOG_LEVEL.findall(log))
+        assert "INFO" in levels, f"{managed.name}: no log line in the expected format"
+        assert levels <= {"DEBUG", "INFO"}, log
         assert "Traceback" not in log
-        assert " ERROR: " not in log
-        assert " WARNING: " not in log

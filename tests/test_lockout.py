@@ -13,6 +13,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import asyncssh
 import pytest
 
 import tpmsigner
@@ -235,7 +236,7 @@ def test_clear_lockout_restores_signing(chain: Chain, swtpm: Swtpm) -> None:
         signature = tpmsigner.sign_data(tpm, store, identity, b"data", PIN.encode())
         status = tpm.lockout_status()
 
-    assert signature
+    assert asyncssh.import_public_key(identity.openssh_line()).verify(b"data", signature)
     assert status.failed_tries == 0
     assert status.in_lockout is False
 

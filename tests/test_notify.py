@@ -8,6 +8,7 @@ its place and records its arguments.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import pytest
 from tpmsigner.protocol.messages import ProcessInfo
 from tpmsigner.signer.approvers import ApprovalRequest
 from tpmsigner.signer.notify import MAX_RUNNING, DesktopNotifier
+from tpmsigner.signer.requesttext import MAX_DESTINATION_CHARS, MAX_PURPOSE_CHARS
 from tests.support import pid_is_running, wait_until
 from tests.support.chain import Chain
 
@@ -171,6 +173,26 @@ def test_login_body_names_destination(tmp_path: Path) -> None:
         "no approval within 60 s\nto alice@host\\x1b[2J (NOT verified)\n"
         "for ssh-login, from device laptop &lt;b&gt;\nrequest #5",
     ]
+
+
+def test_long_fields_are_shortened_in_body(tmp_path: Path) -> None:
+    program = write_notify_send(tmp_path)
+    # The requester chooses the namespace and the host name, so either could
+    # push the rest of the notification out of view.
+    request = dataclasses.replace(make_request(), purpose="sshsig:" + "n" * 500, destination="alice@" + "h" * 500)
+
+    async def notify() -> None:
+        notifier = DesktopNotifier(str(program))
+        notifier.signed(request)
+        await notifier.wait()
+
+    asyncio.run(notify())
+
+    (call,) = calls(tmp_path)
+    destination_line, purpose_line, request_line = call["argv"][-1].split("\n")
+    assert destination_line == "to alice@" + "h" * (MAX_DESTINATION_CHARS - 7) + "\u2026 (NOT verified)"
+    assert purpose_line == "for sshsig:" + "n" * (MAX_PURPOSE_CHARS - 8) + "\u2026, from device laptop &lt;b&gt;"
+    assert request_line == "request #5"
 
 
 def test_stuck_notify_send_is_killed_after_timeout(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

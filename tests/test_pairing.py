@@ -378,12 +378,13 @@ def test_revoke_closes_idle_connection(chain: Chain) -> None:
     assert public_line.split()[1] in listed.stdout
     assert "device 'laptop' connected" in signer.log_text()
 
-    revoked_at = time.monotonic()
     chain.tpmsigner("revoke", "laptop")
 
-    wait_until(lambda: "no longer allowed; closing its connection" in signer.log_text(), 5, "the signer to close")
-    wait_until(lambda: "connection to signer 'test-signer' closed" in agent.log_text(), 5, "the agent to notice")
-    assert time.monotonic() - revoked_at < 3.0
+    # The signer reads devices.json again every second, with no request to
+    # prompt it.  The bounds leave room for a busy machine and still fail a
+    # signer that keeps the connection open.
+    wait_until(lambda: "no longer allowed; closing its connection" in signer.log_text(), 10, "the signer to close")
+    wait_until(lambda: "connection to signer 'test-signer' closed" in agent.log_text(), 10, "the agent to notice")
     assert _devices(chain) == []
 
     # A new connection from the revoked device is rejected in the handshake.

@@ -380,16 +380,37 @@ audit_records = st.fixed_dictionaries(
 
 
 @st.composite
-def audit_logs(draw: st.DrawFn) -> bytes:
-    """Return a correctly chained log, or one with damaged lines."""
+def chained_audit_logs(draw: st.DrawFn) -> tuple[bytes, list[dict]]:
+    """Return a correctly chained log and the records written to it."""
+    records = draw(st.lists(audit_records, max_size=4))
     lines = []
     previous = GENESIS
-    for record in draw(st.lists(audit_records, max_size=4)):
+    for record in records:
         line = json.dumps({**record, "prev": previous}, sort_keys=True, separators=(",", ":")).encode()
         previous = line_hash(line)
         lines.append(line)
-    document = b"".join(line + b"\n" for line in lines)
+    return b"".join(line + b"\n" for line in lines), records
+
+
+@st.composite
+def audit_logs(draw: st.DrawFn) -> bytes:
+    """Return a correctly chained log, or one with damaged lines."""
+    document, _ = draw(chained_audit_logs())
     return draw(st.just(document) | mutated(st.just(document)))
+
+
+@given(chained_audit_logs())
+def test_chained_audit_log_verifies_and_reads_back(case: tuple[bytes, list[dict]]) -> None:
+    document, written = case
+    with scratch_directory() as home:
+        (home / "audit.jsonl").write_bytes(document)
+        log = AuditLog(home / "audit.jsonl")
+        result = log.verify()
+        records = log.records()
+
+    assert result.ok, result.reason
+    assert result.lines == len(written)
+    assert [{key: value for key, value in record.items() if key != "prev"} for record in records] == written
 
 
 @given(
@@ -413,8 +434,11 @@ def test_audit_log_bad_input(document: bytes) -> None:
     if records is None:
         # A line that records() cannot read also breaks the chain.
         assert not result.ok
+    if result.ok:
+        # A log whose chain holds is readable, one record per line.
+        assert records is not None
+        assert len(records) == result.lines
 
-    assert result.lines >= 0
     if records is not None:
         output = io.StringIO()
         with contextlib.redirect_stdout(output):

@@ -20,6 +20,7 @@ import asyncssh
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from tpm2_pytss.constants import TPM2_CC
 
 from tpmsigner.errors import TpmKeyLoadError
 from tpmsigner.keyfile import read_key_file
@@ -40,6 +41,7 @@ from tests.support import LOCALHOST, wait_until
 from tests.support.chain import Chain
 from tests.support.relay import RecordingRelay
 from tests.support.sshsig import sign_and_check
+from tests.support.tpm_relay import TpmRelay, command_code
 from tests.test_lifecycle import tpmsigner_tsskey_create
 
 PIN = "4711-threat-model-pin"
@@ -150,15 +152,38 @@ def test_row1_attributes_are_checked_on_every_load(swtpm, tmp_path) -> None:
         key = tpmsigner_tsskey_create(esapi)
     finally:
         esapi.close()
-    blob = read_key_file(key.to_pem()).blob
+    weak_blob = read_key_file(key.to_pem()).blob
 
-    with Tpm(swtpm.tcti) as tpm:
-        with pytest.raises(TpmKeyLoadError, match="noDA"):
-            tpm.check_loads(blob)
-        with pytest.raises(TpmKeyLoadError, match="noDA"):
-            tpm.sign_digest(blob, b"\x01" * 32, b"1234")
-        # The refusal came before the TPM was asked: no try was counted.
-        assert tpm.lockout_status().failed_tries == 0
+    # The relay records the code of every command that reaches the TPM.  A
+    # noDA key's wrong PINs count toward no lockout, so only the commands
+    # sent can show that the TPM never saw this key or a PIN for it.
+    sent: list[int] = []
+
+    def record(command: bytes, response: bytes) -> bytes:
+        sent.append(command_code(command))
+        return response
+
+    with TpmRelay(swtpm.server_port, swtpm.ctrl_port) as relay:
+        relay.change = record
+        with Tpm(relay.tcti) as tpm:
+            good_blob = tpm.create_key(PIN.encode())
+
+            sent.clear()
+            with pytest.raises(TpmKeyLoadError, match="noDA"):
+                tpm.check_loads(weak_blob)
+            with pytest.raises(TpmKeyLoadError, match="noDA"):
+                tpm.sign_digest(weak_blob, b"\x01" * 32, b"1234")
+            sent_for_weak_key = list(sent)
+
+            # Control: the same recording contains the TPM2_Load and TPM2_Sign of a key that tpmsigner accepts.
+            sent.clear()
+            tpm.sign_digest(good_blob, b"\x01" * 32, PIN.encode())
+            sent_for_good_key = list(sent)
+
+    assert TPM2_CC.Load not in sent_for_weak_key
+    assert TPM2_CC.Sign not in sent_for_weak_key
+    assert TPM2_CC.Load in sent_for_good_key
+    assert TPM2_CC.Sign in sent_for_good_key
 
 
 # ---- row 2: the agent host stores public data and its own Noise key only ----
@@ -251,6 +276,9 @@ def test_row3_captured_traffic_reveals_nothing(chain: Chain, sshd_factory, tmp_p
         "PIN": PIN.encode(),
         "device name": b"test-laptop",
         "ssh command line": b"StrictHostKeyChecking",
+        # Noise XX sends both static keys encrypted, in messages 2 and 3.
+        "agent's Noise static key": agent_static_key(chain).public,
+        "signer's Noise static key": signer_public_key(chain),
     }
     for what, needle in needles.items():
         assert needle not in captured, f"the {what} crossed the wire in clear"
@@ -346,6 +374,7 @@ def test_row4_replayed_noise_frames_sign_nothing(chain: Chain) -> None:
         wait_until(lambda: "disconnected" in signer.log_text(), 10, "the signer to see the agent leave")
         [recorded] = relay.connections
         sent = bytes(recorded.to_target)
+        first_reply = bytes(recorded.from_target)
 
     assert verify_signature(public_key_from_blob(key_blob_of(public_line)), b"once", signature)
     assert len(chain.approver_requests()) == 1
@@ -360,7 +389,10 @@ def test_row4_replayed_noise_frames_sign_nothing(chain: Chain) -> None:
 
     # The signer answered the replayed first handshake message with a fresh
     # ephemeral key, so the replayed third message failed and it closed.
+    # Each handshake message is framed by a 2-byte length, and the second
+    # one starts with the responder's 32-byte ephemeral public key.
     assert 0 < len(answer) < 200
+    assert answer[2:34] != first_reply[2:34]
     wait_until(lambda: "failed during the handshake" in signer.log_text(), 10, "the signer to reject the replay")
     assert len(chain.approver_requests()) == 1
     assert signer.log_text().count("signed with") == 1
@@ -372,7 +404,8 @@ def test_row4_replayed_noise_frames_sign_nothing(chain: Chain) -> None:
 
 def test_row5_agent_host_cannot_sign_without_signer(chain: Chain, tmp_path) -> None:
     public_line = start_chain(chain)
-    assert sign_through_agent(chain, public_line, b"while the signer runs")
+    signature = sign_through_agent(chain, public_line, b"while the signer runs")
+    assert verify_signature(public_key_from_blob(key_blob_of(public_line)), b"while the signer runs", signature)
     assert chain.signer is not None
     chain.signer.stop()
 
@@ -382,7 +415,9 @@ def test_row5_agent_host_cannot_sign_without_signer(chain: Chain, tmp_path) -> N
     # No file of the agent host loads as the identity's private key, in any
     # format OpenSSH or OpenSSL would read it in.
     identity = asyncssh.import_public_key(public_line)
-    for path in [p for root in (chain.agent_home, chain.workdir / "state") for p in root.rglob("*") if p.is_file()]:
+    agent_files = [path for root in (chain.agent_home, chain.workdir / "state") for path in root.rglob("*") if path.is_file()]
+    assert agent_files, "the agent wrote nothing at all, so the check below would pass without looking"
+    for path in agent_files:
         content = path.read_bytes()
         for loader in (asyncssh.import_private_key,):
             try:
@@ -445,7 +480,9 @@ def test_row6_every_request_asks_and_refusal_signs_nothing(chain: Chain) -> None
 
 
 def test_row7_flood_prompts_each_time_then_device_is_paused(chain: Chain) -> None:
-    public_line = start_chain(chain, "--refusal-limit", "3", "--refusal-pause", "4")
+    # The pause is far longer than the test, so every request after the
+    # flood falls inside it however slow the machine is.
+    public_line = start_chain(chain, "--refusal-limit", "3", "--refusal-pause", "600")
     chain.set_decision("deny")
 
     async def flood(count: int) -> list[BaseException | bytes]:
@@ -465,25 +502,36 @@ def test_row7_flood_prompts_each_time_then_device_is_paused(chain: Chain) -> Non
     assert chain.signer is not None
     log = chain.signer.log_text()
     assert "signed with" not in log
-    assert "refusing its requests without asking for 4 s" in log
+    assert "refusing its requests without asking for 600 s" in log
 
-    # During the pause a request is rejected with the reason, and no prompt.
-    started = time.monotonic()
+    # During the pause a request is rejected with the reason and without a
+    # prompt, even one that the person would approve.
+    chain.set_decision("approve")
     with pytest.raises(ValueError):
         sign_through_agent(chain, public_line, b"during the pause")
-    if time.monotonic() - started < 3:
-        assert len(chain.approver_requests()) == prompts
-        wait_until(lambda: "its requests are paused for" in chain.signer.log_text(), 10, "the pause to be logged")
+    assert len(chain.approver_requests()) == prompts
+    wait_until(lambda: "its requests are paused for" in chain.signer.log_text(), 10, "the pause to be logged")
+    assert "signed with" not in chain.signer.log_text()
+    assert audit_outcomes(chain.signer_audit_log).count("approved") == 0
 
-    # After the pause the person is asked again, and an approval ends the streak.
-    time.sleep(4.5)
+
+def test_row7_device_is_asked_again_after_the_pause(chain: Chain) -> None:
+    public_line = start_chain(chain, "--refusal-limit", "1", "--refusal-pause", "1")
+    chain.set_decision("deny")
+    with pytest.raises(ValueError):
+        sign_through_agent(chain, public_line, b"refused")
+    assert chain.signer is not None
+    assert "refusing its requests without asking for 1 s" in chain.signer.log_text()
+
+    # Waiting longer than the pause is safe on any machine, because a slow
+    # machine only makes the wait longer.
+    time.sleep(2.0)
     chain.set_decision("approve")
     signature = sign_through_agent(chain, public_line, b"after the pause")
+
     assert verify_signature(public_key_from_blob(key_blob_of(public_line)), b"after the pause", signature)
-    assert len(chain.approver_requests()) > prompts
-    outcomes = audit_outcomes(chain.signer_audit_log)
-    assert outcomes[-1] == "approved"
-    assert outcomes.count("approved") == 1
+    assert len(chain.approver_requests()) == 2
+    assert audit_outcomes(chain.signer_audit_log) == ["denied", "approved"]
 
 
 def test_row7_refusal_counts_reset_on_approval(chain: Chain) -> None:
@@ -494,11 +542,52 @@ def test_row7_refusal_counts_reset_on_approval(chain: Chain) -> None:
         with pytest.raises(ValueError):
             sign_through_agent(chain, public_line, b"no")
         chain.set_decision("approve")
-        assert sign_through_agent(chain, public_line, b"yes")
+        signature = sign_through_agent(chain, public_line, b"yes")
+        assert verify_signature(public_key_from_blob(key_blob_of(public_line)), b"yes", signature)
 
     # One refusal at a time, each followed by an approval, never starts a pause.
     assert len(chain.approver_requests()) == 6
-    assert chain.signer is not None and "paused" not in chain.signer.log_text()
+    assert chain.signer is not None
+    assert "refusing its requests without asking" not in chain.signer.log_text()
+
+
+def test_row7_unanswered_prompts_count_as_refusals(chain: Chain) -> None:
+    public_line = chain.keygen(LABEL, PIN)
+    chain.pair()
+    chain.start_signer("--refusal-limit", "2", "--refusal-pause", "600", approval_timeout=1.0)
+    chain.start_agent()
+    # The approver never decides, so each prompt runs out its time.
+    chain.hold_approvals()
+
+    for number in range(2):
+        with pytest.raises(ValueError):
+            sign_through_agent(chain, public_line, b"unanswered %d" % number)
+
+    chain.release_approvals()
+    with pytest.raises(ValueError):
+        sign_through_agent(chain, public_line, b"during the pause")
+
+    assert len(chain.approver_requests()) == 2
+    assert chain.signer is not None
+    assert "was refused 2 times in a row; refusing its requests without asking for 600 s" in chain.signer.log_text()
+    assert audit_outcomes(chain.signer_audit_log)[:2] == ["timed_out", "timed_out"]
+
+
+def test_row7_default_limit_and_pause(chain: Chain) -> None:
+    public_line = start_chain(chain)
+    chain.set_decision("deny")
+
+    for number in range(5):
+        with pytest.raises(ValueError):
+            sign_through_agent(chain, public_line, b"refused %d" % number)
+    with pytest.raises(ValueError):
+        sign_through_agent(chain, public_line, b"during the pause")
+
+    # docs/SECURITY.md: after 5 refusals in a row, a pause of 30 s.
+    assert len(chain.approver_requests()) == 5
+    assert chain.signer is not None
+    assert "was refused 5 times in a row; refusing its requests without asking for 30 s" in chain.signer.log_text()
+    assert "its requests are paused for" in chain.signer.log_text()
 
 
 def test_refusal_options_are_checked(chain: Chain) -> None:

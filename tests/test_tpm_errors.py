@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import struct
+from collections.abc import Callable
 
 import asyncssh
 import pytest
 from tpm2_pytss import ESAPI
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_CC
 from tpm2_pytss.TCTILdr import TCTILdr
 from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
 
 import tpmsigner
 from tests.support.chain import Chain
+from tests.support.tpm_relay import TpmRelay, command_code
 from tpmsigner.errors import TpmKeyLoadError, UnsupportedByTpmError
 from tpmsigner.keytypes import KEY_TYPES
 from tpmsigner.protocol.sshkeys import SSH_AGENT_RSA_SHA2_256
@@ -103,21 +106,55 @@ def test_full_object_memory_at_signing_is_reported(swtpm, tmp_path) -> None:
         tpm.close()
 
 
+def without_algorithm(algorithm: int) -> Callable[[bytes, bytes], bytes]:
+    """Return a relay change that removes ``algorithm`` from the TPM's list of implemented algorithms.
+
+    The response to TPM2_GetCapability with TPM_CAP_ALGS (TPM 2.0 Library
+    Part 3) holds moreData, the capability and a TPML_ALG_PROPERTY, which is
+    a count and then a 2-byte algorithm id and 4-byte attributes per entry.
+    """
+
+    def change(command: bytes, response: bytes) -> bytes:
+        if command_code(command) != TPM2_CC.GetCapability or struct.unpack_from(">I", command, 10)[0] != TPM2_CAP.ALGS:
+            return response
+        if struct.unpack_from(">I", response, 6)[0] != 0:
+            return response
+        (count,) = struct.unpack_from(">I", response, 15)
+        entries = [response[19 + 6 * index : 25 + 6 * index] for index in range(count)]
+        kept = [entry for entry in entries if struct.unpack_from(">H", entry)[0] != algorithm]
+        body = response[10:15] + struct.pack(">I", len(kept)) + b"".join(kept)
+        return response[:2] + struct.pack(">I", 10 + len(body)) + response[6:10] + body
+
+    return change
+
+
 def test_missing_hash_is_reported(swtpm, tmp_path) -> None:
-    """swtpm implements every hash, so SHA-1 is hidden from the capability list to reach this branch."""
+    # swtpm implements every hash, so a relay removes SHA-1 from the list of
+    # algorithms that the TPM reports.
     store = tpmsigner.KeyStore(tmp_path / "home")
-    tpm = tpmsigner.Tpm(swtpm.tcti)
-    try:
-        identity = tpmsigner.create_identity(tpm, store, "rsa", PIN.encode(), KEY_TYPES["rsa-2048"])
-        real = tpm._implemented_algorithms  # noqa: SLF001 - the fake described above
-        tpm._implemented_algorithms = lambda: real() - {int(TPM2_ALG.SHA1)}  # noqa: SLF001
-        counter_before = tpm.lockout_status().failed_tries
+    remove_sha1 = without_algorithm(TPM2_ALG.SHA1)
+    sent: list[int] = []
 
-        with pytest.raises(UnsupportedByTpmError, match="does not implement SHA1"):
-            tpmsigner.sign_data(tpm, store, identity, b"data", PIN.encode(), flags=0)
+    def record_and_change(command: bytes, response: bytes) -> bytes:
+        sent.append(command_code(command))
+        return remove_sha1(command, response)
 
-        assert tpm.lockout_status().failed_tries == counter_before
-        signature = tpmsigner.sign_data(tpm, store, identity, b"data", PIN.encode(), flags=SSH_AGENT_RSA_SHA2_256)
-        assert signature[4:16] == b"rsa-sha2-256"
-    finally:
-        tpm.close()
+    with TpmRelay(swtpm.server_port, swtpm.ctrl_port) as relay:
+        relay.change = record_and_change
+        tpm = tpmsigner.Tpm(relay.tcti)
+        try:
+            identity = tpmsigner.create_identity(tpm, store, "rsa", PIN.encode(), KEY_TYPES["rsa-2048"])
+
+            sent.clear()
+            with pytest.raises(UnsupportedByTpmError, match="does not implement SHA1"):
+                tpmsigner.sign_data(tpm, store, identity, b"data", PIN.encode(), flags=0)
+            sent_for_sha1 = list(sent)
+
+            signature = tpmsigner.sign_data(tpm, store, identity, b"data", PIN.encode(), flags=SSH_AGENT_RSA_SHA2_256)
+        finally:
+            tpm.close()
+
+    # The request was rejected before the PIN went to the TPM.
+    assert TPM2_CC.Sign not in sent_for_sha1
+    assert signature[4:16] == b"rsa-sha2-256"
+    assert asyncssh.import_public_key(identity.openssh_line()).verify(b"data", signature)

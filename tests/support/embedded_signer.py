@@ -23,6 +23,7 @@ from tpmsigner.audit import AuditLog
 from tpmsigner.cliutil import serve_until_signal
 from tpmsigner.commands.signer import AUDIT_FILE, DEVICES_FILE, NOISE_KEY_FILE, parse_listen
 from tpmsigner.fsutil import read_secret_line
+from tpmsigner.logsetup import configure_logging
 from tpmsigner.protocol.channel import StaticKey
 from tpmsigner.signer.approvers import ApprovalRequest, CallableApprover
 from tpmsigner.signer.devices import DeviceRegistry
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", required=True, help="HOST:PORT to listen on")
     parser.add_argument("--pin-file", required=True, help="file whose first line is the PIN to approve with")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
+    # The same log lines as serve's, so tests read both the same way.
+    configure_logging(logging.INFO)
 
     home = Path(args.home)
     host, port = parse_listen(args.listen)
