@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 from tpmsigner import __version__
-from tpmsigner.cliutil import add_verbosity_options, run_handler
+from tpmsigner.cliutil import add_audit_parser, add_verbosity_options, run_handler
 from tpmsigner.config_file import parse_args_with_config
 from tpmsigner.errors import ConfigError
 from tpmsigner.printable import escape_nonprintable
 from tpmsigner.protocol.channel import format_public_key, public_key_fingerprint
 
-from tpmsigner.audit import AuditLog, print_audit
+from tpmsigner.audit import AuditLog, audit_command
 
 from . import shell
 from .audit import default_audit_path
@@ -114,15 +114,7 @@ def command_run(args: argparse.Namespace) -> int:
 
 def command_audit(args: argparse.Namespace) -> int:
     log = AuditLog(Path(args.file) if args.file else default_audit_path())
-    if args.action == "verify":
-        result = log.verify()
-        if result.ok:
-            print(f"{log.path}: {result.lines} entries, chain intact")
-            return 0
-        print(f"{result.file}: line {result.first_bad_line}: {result.reason}", file=sys.stderr)
-        return 1
-    print_audit(log.records(), since=args.since, as_json=args.json)
-    return 0
+    return audit_command(log, args.action, args.since, args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,18 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_verbosity_options(run, subcommand=True)
     run.set_defaults(handler=command_run)
 
-    audit = commands.add_parser("audit", help="print the audit log, or check it with 'audit verify'")
-    audit.add_argument(
-        "action",
-        nargs="?",
-        choices=["show", "verify"],
-        default="show",
-        help="show: print the entries (the default); verify: check the hash chain and name the first line "
-        "that breaks it",
-    )
-    audit.add_argument("--file", help="audit log file (default: $XDG_STATE_HOME/tpmsigner-agent/audit.jsonl)")
-    audit.add_argument("--since", help="only entries at or after this ISO 8601 time, e.g. 2026-12-04T10:00")
-    audit.add_argument("--json", action="store_true", help="print JSON lines as stored")
+    audit = add_audit_parser(commands, "$XDG_STATE_HOME/tpmsigner-agent/audit.jsonl")
     audit.set_defaults(handler=command_audit)
     return parser
 

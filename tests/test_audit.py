@@ -101,7 +101,8 @@ def test_audit_verify_finds_edited_line(chain: Chain, sshd_factory) -> None:
     chain.agent_audit_log.write_text("\n".join(lines) + "\n")
     edited = chain.tpmsigner_agent("audit", "verify", "--file", str(chain.agent_audit_log), check=False)
     assert edited.returncode == 1
-    assert "line 3" in edited.stderr
+    assert edited.stderr.count("line 3") == 1
+    assert "line 3: its 'prev' hash does not match line 2: line 2 was edited" in edited.stderr
 
     del lines[1]
     chain.agent_audit_log.write_text("\n".join(lines) + "\n")
@@ -296,3 +297,32 @@ def test_parallel_writer_processes_keep_one_chain(tmp_path) -> None:
     assert result.lines == 450
     written = [(record["writer"], record["request_id"]) for record in log.records()]
     assert sorted(written) == sorted((name, number) for name in ("first", "second", "third") for number in range(150))
+
+
+def test_signer_audit_shows_and_verifies(chain: Chain, sshd_factory) -> None:
+    public_line = start(chain)
+    sshd = sshd_factory(authorized_keys=[public_line])
+    assert login(chain, sshd).returncode == 0
+
+    shown = chain.tpmsigner("audit")
+    verified = chain.tpmsigner("audit", "verify")
+    as_json = [json.loads(line) for line in chain.tpmsigner("audit", "--json").stdout.splitlines()]
+
+    assert "approved" in shown.stdout
+    assert "key work (SHA256:" in shown.stdout
+    assert "by test-laptop" in shown.stdout
+    assert verified.stdout.strip() == f"{chain.signer_audit_log}: 1 entries, chain intact"
+    assert [record["outcome"] for record in as_json] == ["approved"]
+
+
+def test_audit_of_missing_log(chain: Chain) -> None:
+    missing = chain.workdir / "no-such-audit.jsonl"
+
+    shown = chain.tpmsigner_agent("audit", "--file", str(missing))
+    verified = chain.tpmsigner("audit", "verify", "--file", str(missing), check=False)
+
+    assert shown.returncode == 0
+    assert shown.stdout == ""
+    assert "no audit log here yet" in shown.stderr
+    assert verified.returncode == 1
+    assert f"{missing}: no audit log here yet" in verified.stderr

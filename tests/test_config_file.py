@@ -169,7 +169,7 @@ def test_hyphenated_key_points_to_underscore(isolated_config_home: Path, capsys)
         ('[serve]\nno_mdns = "yes"\n', "[serve] no_mdns: expected true or false, not a string ('yes')"),
         ('[serve]\ninterface = "lo"\n', "[serve] interface: expected a list"),
         ('serve = "127.0.0.1:1"\n', "serve: expected a table [serve] of options, not a string"),
-        ('[audit]\nfile = "a"\n', "audit: unknown key 'audit'"),
+        ('[discover]\ntimeout = 1\n', "discover: unknown key 'discover'"),
         ('verbose = 1\n', "verbose: expected true or false, not an integer (1)"),
     ],
 )

@@ -20,7 +20,7 @@ JSON_DOC = Path(__file__).resolve().parent.parent / "docs" / "json-output.md"
 # The commands that list something.  A new listing belongs here and in
 # docs/json-output.md.
 LISTINGS = {
-    "tpmsigner": ("list", "show", "status", "devices"),
+    "tpmsigner": ("list", "show", "status", "devices", "audit"),
     "tpmsigner-agent": ("signers", "discover", "audit"),
 }
 
@@ -142,4 +142,12 @@ def test_audit_json_lines_match_docs(chain: Chain) -> None:
     records = [json.loads(line) for line in lines]
     assert [record["outcome"] for record in records] == ["approved"]
     assert_documented(records[0], "Audit record")
+
+    signer_records = [json.loads(line) for line in chain.tpmsigner("audit", "--json").stdout.splitlines()]
+    assert [record["outcome"] for record in signer_records] == ["approved"]
+    # A request without a certificate has every documented field but that one.
+    documented = documented_fields("Signer audit record")
+    assert set(signer_records[0]) == documented[""] - {"certificate"}
+    assert signer_records[0]["key_label"] == "work"
+    assert signer_records[0]["purpose"] == "sshsig:file"
     assert set(records[0]["destination"]) == {"user", "host", "host_key_fingerprint", "verified", "forwarded"}

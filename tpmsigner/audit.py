@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -290,26 +291,32 @@ class AuditLog:
         """
         expected: str | None = None
         count = 0
+        previous_file = ""
         for path in self.files():
             with open(path, "rb") as log_file:
                 for number, line in enumerate(log_file, start=1):
                     count += 1
-                    where = f"{path.name} line {number}"
                     try:
                         entry = parse_json(line)
                     except ValueError:
-                        return VerifyResult(count, number, f"{where}: the line is not valid JSON", path)
-                    if not isinstance(entry, dict) or (expected is not None and entry.get("prev") != expected):
+                        return VerifyResult(count, number, "the line is not valid JSON", path)
+                    if not isinstance(entry, dict):
+                        return VerifyResult(count, number, "the line is not a JSON object", path)
+                    if expected is not None and entry.get("prev") != expected:
+                        # The hash names the line before, so the edit may be
+                        # there rather than here.
+                        previous = f"line {number - 1}" if number > 1 else f"the last line of {previous_file}"
                         return VerifyResult(
                             count,
                             number,
-                            f"{where}: the line does not follow the line before it: that line was edited, "
-                            "or lines were removed or reordered",
+                            f"its 'prev' hash does not match {previous}: {previous} was edited, or lines "
+                            "between the two were removed, inserted or reordered",
                             path,
                         )
                     if expected is None and len(self.files()) == 1 and entry.get("prev") != GENESIS:
-                        return VerifyResult(count, number, f"{where}: the first line of the log was removed", path)
+                        return VerifyResult(count, number, "the log's first lines were removed", path)
                     expected = line_hash(line)
+            previous_file = path.name
         return VerifyResult(lines=count)
 
 
@@ -356,6 +363,24 @@ def parse_since(value: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
+def audit_command(log: AuditLog, action: str, since: str | None, as_json: bool) -> int:
+    """Run ``audit show`` or ``audit verify`` on ``log`` for either program; return the exit status."""
+    if not log.files():
+        print(f"{log.path}: no audit log here yet (nothing was recorded, or it was removed)", file=sys.stderr)
+        return 1 if action == "verify" else 0
+    if action == "verify":
+        result = log.verify()
+        if result.ok:
+            # Removing the newest lines, or editing the very last one, leaves
+            # a chain that verifies, so the count is worth comparing.
+            print(f"{log.path}: {result.lines} entries, chain intact")
+            return 0
+        print(f"{result.file}: line {result.first_bad_line}: {result.reason}", file=sys.stderr)
+        return 1
+    print_audit(log.records(), since=since, as_json=as_json)
+    return 0
+
+
 def print_audit(records: list[dict[str, object]], since: str | None = None, as_json: bool = False) -> None:
     """Print audit records, one per line, readably or as JSON."""
     threshold = parse_since(since) if since else None
@@ -374,6 +399,11 @@ def print_audit(records: list[dict[str, object]], since: str | None = None, as_j
                 flags += ", forwarded"
             where = f" {destination['user']}@{host} ({flags})"
         who = record.get("device") or record.get("command_line") or ""
+        key = f"key {record.get('key_fingerprint', '?')}"
+        if record.get("key_label"):
+            key = f"key {record['key_label']} ({record.get('key_fingerprint', '?')})"
+        if record.get("signer"):
+            where += f" via signer {record['signer']}"
         # Fields are formatted with str(): a damaged or edited line may hold
         # any JSON value where a string belongs.
         outcome = str(record.get("outcome", "?"))
@@ -383,7 +413,7 @@ def print_audit(records: list[dict[str, object]], since: str | None = None, as_j
         print(
             escape_nonprintable(
                 f"{record.get('time')}  {outcome:<11}  {record.get('purpose', '?')}{where}  "
-                f"key {record.get('key_fingerprint', '?')}  by {who}"
+                f"{key}  by {who}"
                 + (f"  -- {record['reason']}" if record.get("reason") else "")
             )
         )

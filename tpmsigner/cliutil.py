@@ -87,3 +87,20 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths)]
         print("  ".join(cells).rstrip())
+
+
+def add_audit_parser(commands, default_file: str) -> argparse.ArgumentParser:
+    """Add the ``audit [show|verify]`` subcommand that both programs have; ``default_file`` is named in its help."""
+    audit = commands.add_parser("audit", help="print the audit log, or check it with 'audit verify'")
+    audit.add_argument(
+        "action",
+        nargs="?",
+        choices=["show", "verify"],
+        default="show",
+        help="show: print the entries (the default); verify: check the hash chain and name the first line "
+        "that breaks it",
+    )
+    audit.add_argument("--file", help=f"audit log file (default: {default_file})")
+    audit.add_argument("--since", help="only entries at or after this ISO 8601 time, e.g. 2026-12-04T10:00")
+    audit.add_argument("--json", action="store_true", help="print JSON lines as stored")
+    return audit

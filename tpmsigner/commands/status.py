@@ -1,16 +1,17 @@
-"""tpmsigner status: the TPM, its lockout state, the storage key, the identities."""
+"""tpmsigner status and audit: the TPM, its lockout state, the storage key, the identities, the audit log."""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
+from pathlib import Path
 
-from ..audit import AuditLog
+from ..audit import AuditLog, audit_command
+from ..cliutil import add_audit_parser, print_json, print_table
 from ..store import TpmBinding
 from ..tpm import describe_parent
-from .signer import AUDIT_FILE
-from ..cliutil import print_json, print_table
 from .common import key_store, open_tpm, resolve_home
+from .signer import AUDIT_FILE
 
 
 def command_status(args: argparse.Namespace) -> int:
@@ -71,7 +72,15 @@ def command_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_audit(args: argparse.Namespace) -> int:
+    log = AuditLog(Path(args.file) if args.file else resolve_home(args.home) / AUDIT_FILE)
+    return audit_command(log, args.action, args.since, args.json)
+
+
 def add_parsers(commands) -> None:
     status = commands.add_parser("status", help="show the TPM, its lockout state and the identities")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=command_status)
+
+    audit = add_audit_parser(commands, "audit.jsonl in the home directory")
+    audit.set_defaults(handler=command_audit)
