@@ -399,7 +399,14 @@ class AgentServer:
         try:
             self.audit_log.append(entry.to_record(outcome, reason))
         except (OSError, TpmSignerError) as exc:
-            logger.error("the audit record of sign request %d was not written: %s", entry.request_id, exc)
+            # The log line stands in for the lost record, so it carries the outcome.
+            logger.error(
+                "the audit record of sign request %d (key %s, outcome %s) was not written: %s",
+                entry.request_id,
+                entry.fingerprint,
+                outcome,
+                exc,
+            )
 
 
 async def _no_identities() -> None:
