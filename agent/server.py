@@ -399,7 +399,7 @@ class AgentServer:
         try:
             self.audit_log.append(entry.to_record(outcome, reason))
         except (OSError, TpmSignerError) as exc:
-            # The log line stands in for the lost record, so it carries the outcome.
+            # The log line is all that remains of the lost record, so it names the outcome.
             logger.error(
                 "the audit record of sign request %d (key %s, outcome %s) was not written: %s",
                 entry.request_id,

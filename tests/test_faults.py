@@ -275,6 +275,21 @@ def test_serve_start_fails_on_stopped_tpm(chain: Chain, swtpm: Swtpm) -> None:
     assert "Traceback" not in result.stderr
 
 
+def run_second_serve(chain: Chain, listen: str, *global_options: str) -> subprocess.CompletedProcess[str]:
+    """Run another serve on a home of its own beside the chain's signer, and return when it exits."""
+    return subprocess.run(
+        [
+            *chain.command_prefix, *SIGNER_COMMAND, "--home", str(chain.workdir / "second-home"), *global_options,
+            "serve", "--listen", listen, "--approver", f"command:{chain.approver_program}", "--no-mdns",
+        ],
+        env=chain.environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
 def test_second_serve_leaves_first_alone(chain: Chain, swtpm: Swtpm) -> None:
     public_line = start(chain)
     assert_signed(sign_reply(chain, public_line), public_line)
@@ -284,18 +299,7 @@ def test_second_serve_leaves_first_alone(chain: Chain, swtpm: Swtpm) -> None:
     assert handles_before["sessions"] != []
 
     # Another home, so that the home lock does not stop it before it binds.
-    second = subprocess.run(
-        [
-            *chain.command_prefix, *SIGNER_COMMAND, "--home", str(chain.workdir / "second-home"),
-            "serve", "--listen", f"127.0.0.1:{chain.signer_port}",
-            "--approver", f"command:{chain.approver_program}", "--no-mdns",
-        ],
-        env=chain.environment(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+    second = run_second_serve(chain, f"127.0.0.1:{chain.signer_port}")
 
     assert second.returncode == 1
     assert f"cannot listen on 127.0.0.1:{chain.signer_port}" in second.stderr
@@ -319,18 +323,7 @@ def test_second_serve_on_same_tpm_refused(chain: Chain, swtpm: Swtpm, spelling: 
     tcti = swtpm.tcti if spelling == "same" else f"swtpm:port={port},host=localhost"
 
     # Another home and another port, so only the claim on the TPM can stop it.
-    second = subprocess.run(
-        [
-            *chain.command_prefix, *SIGNER_COMMAND, "--home", str(chain.workdir / "second-home"),
-            "--tcti", tcti, "serve", "--listen", "127.0.0.1:0",
-            "--approver", f"command:{chain.approver_program}", "--no-mdns",
-        ],
-        env=chain.environment(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+    second = run_second_serve(chain, "127.0.0.1:0", "--tcti", tcti)
 
     assert second.returncode == 1
     assert f"another 'tpmsigner serve' (pid {chain.signer.process.pid}, uid {os.getuid()}) uses the TPM" in second.stderr

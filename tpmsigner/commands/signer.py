@@ -201,7 +201,7 @@ def _lock_tpm(tcti: str) -> socket.socket | None:
     serve flushes every transient object and session on such a TPM when it
     connects, so two serve processes on one TPM, even with different homes,
     would flush each other's storage key and session at every start and
-    reconnection.  Return the socket that holds the claim, or None for a
+    reconnection.  Return the socket that is the claim, or None for a
     TPM behind a resource manager, which needs none.
     """
     if has_resource_manager(tcti):
@@ -211,7 +211,7 @@ def _lock_tpm(tcti: str) -> socket.socket | None:
     claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         claim.bind(name)
-        # Listening lets a second serve ask the kernel who holds the claim.
+        # Listening lets a second serve ask the kernel which process has the claim.
         claim.listen(1)
         claim.setblocking(False)
         return claim
@@ -237,7 +237,7 @@ def _close_claim_probe(claim: socket.socket) -> None:
 
 
 def _claim_holder(name: bytes) -> str:
-    """Describe the process that holds the abstract socket ``name``, from its SO_PEERCRED credentials."""
+    """Describe the process that has bound the abstract socket ``name``, from its SO_PEERCRED credentials."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:

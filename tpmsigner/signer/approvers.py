@@ -176,19 +176,13 @@ async def run_approver_program(
     TimeoutError after ``timeout`` seconds.  The program and everything it
     started in its process group are killed whenever it ends.
     """
-    # setpriv would report a missing program only as exit status 127, so
-    # the program is looked up here to log the real cause.
-    program = shutil.which(argv[0], path=environment.get("PATH"))
-    if program is None:
-        logger.error("request %d: cannot run approver %r: not found or not executable", request_id, argv[0])
-        return None
     loop = asyncio.get_running_loop()
     try:
         # A session of its own, so that on timeout the whole process
         # group goes, including helpers the approver started.
         transport, protocol = await loop.subprocess_exec(
             _ApproverProtocol,
-            *bound_to_serve([program, *argv[1:]]),
+            *bound_to_serve(argv, environment.get("PATH")),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=None,

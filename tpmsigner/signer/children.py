@@ -2,7 +2,7 @@
 
 serve kills an approver, pinentry or notifier when its request ends and when
 serve stops.  If serve itself is killed with SIGKILL or crashes, nothing would
-kill them: a dialog could go on asking for a PIN that nobody reads.  Linux
+kill them: a dialog could go on asking for a PIN that nothing reads.  Linux
 offers PR_SET_PDEATHSIG (prctl(2)) for this, which has to be set in the child
 between fork and exec.  Python's subprocess can do that only with
 ``preexec_fn``, which is unsafe in a process with threads (serve runs TPM
@@ -12,6 +12,7 @@ which sets the signal and then executes the program in the same process.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import shutil
@@ -35,14 +36,20 @@ def _setpriv() -> str | None:
     return path
 
 
-def bound_to_serve(argv: list[str]) -> list[str]:
+def bound_to_serve(argv: list[str], path: str | None = None) -> list[str]:
     """Prefix ``argv`` so that the kernel kills the program when serve dies.
 
-    Only the program itself gets the signal.  Processes that it started
-    itself outlive a killed serve unless they exit when their parent does.
-    Without setpriv, ``argv`` is returned unchanged.
+    The program is looked up on ``path`` (default: $PATH) first, because
+    setpriv would report a missing program only as exit status 127.  Raises
+    FileNotFoundError, an OSError as from exec itself, if it is not found.
+    Only the program itself gets the signal: processes that it started
+    outlive a killed serve unless they exit when their parent does.
+    Without setpriv, the looked-up ``argv`` is returned as it is.
     """
+    program = shutil.which(argv[0], path=path)
+    if program is None:
+        raise FileNotFoundError(errno.ENOENT, "not found or not executable", argv[0])
     setpriv = _setpriv()
     if setpriv is None:
-        return list(argv)
-    return [setpriv, f"--pdeathsig={PARENT_DEATH_SIGNAL}", "--", *argv]
+        return [program, *argv[1:]]
+    return [setpriv, f"--pdeathsig={PARENT_DEATH_SIGNAL}", "--", program, *argv[1:]]

@@ -223,15 +223,10 @@ class _PinentryDialog:
         request_id = self.request.request_id
         program = self.approver.argv[0]
         terminal = self.approver.terminal
-        # setpriv would report a missing program only as exit status 127.
-        resolved = shutil.which(program)
-        if resolved is None:
-            logger.error("request #%d: cannot run pinentry %r: not found or not executable; denied", request_id, program)
-            return None
         saved_terminal = _SavedTerminal.save(terminal) if terminal else None
         try:
             process = await asyncio.create_subprocess_exec(
-                *bound_to_serve([resolved, *self.approver.argv[1:]]),
+                *bound_to_serve(self.approver.argv),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 # With --debug, pinentry writes the PIN to stderr, and its
